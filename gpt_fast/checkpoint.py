@@ -1,0 +1,48 @@
+"""Load a converted checkpoint directory (model.pth + config.json + tokenizer.model) onto a device."""
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .config import ModelArgs
+from .model import Transformer
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """A checkpoint directory, or a .pth file inside one; returns the .pth file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
+    # bf16 on CUDA; on CPU bf16 too, the faster of bf16/fp32 as measured by scripts/bench.py (BENCHMARKS.md).
+    return torch.bfloat16
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device, None] = None,
+               dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Build the model on the meta device and assign the mmapped weights (no second copy in RAM)."""
+    weights = resolve_checkpoint(path)
+    args = ModelArgs.load(weights.parent / "config.json")
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = torch.load(weights, mmap=True, weights_only=True)
+    expected = set(model.state_dict()) - ({"output.weight"} if args.tie_embeddings else set())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"{weights}: weights do not match config.json: missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]}")
+    model.load_state_dict(state, assign=True, strict=False)
+    model.tie_weights()
+    model = model.to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,70 @@
+"""The model's shape, read from the `config.json` the converter writes next to the weights."""
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layer: int
+    n_head: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    # HF-style rope_scaling dict ({"rope_type": "llama3" | "linear", ...}); None for plain RoPE.
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 4096
+    tie_embeddings: bool = False
+    # Which tokenizer file sits next to the weights: "sentencepiece" or "tiktoken".
+    tokenizer: str = "sentencepiece"
+    # Extra stop ids (e.g. from generation_config.json); the tokenizer adds its own eos ids.
+    stop_token_ids: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.n_head % self.n_kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "linear", "default"):
+                raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelArgs":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config not found: {path} (run `python -m gpt_fast.convert` first)")
+        data = json.loads(path.read_text())
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known - {"quantization"}
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    def weight_bytes(self, bytes_per_param: float) -> float:
+        """Bytes read per decoded token (all matrices; the embedding row read is negligible)."""
+        attn = self.dim * (self.n_head + 2 * self.n_kv_heads) * self.head_dim + self.n_head * self.head_dim * self.dim
+        ffn = 3 * self.dim * self.intermediate_size
+        out = self.dim * self.vocab_size
+        return (self.n_layer * (attn + ffn) + out) * bytes_per_param
+
+
+# Shapes for benchmarks with random weights (the converter reads real ones from config.json).
+NAMED_SHAPES = {
+    "stories110M": dict(dim=768, n_layer=12, n_head=12, n_kv_heads=12, head_dim=64, intermediate_size=2048,
+                        vocab_size=32000),
+    "llama-2-7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_heads=32, head_dim=128, intermediate_size=11008,
+                       vocab_size=32000),
+    "llama-3.1-8b": dict(dim=4096, n_layer=32, n_head=32, n_kv_heads=8, head_dim=128, intermediate_size=14336,
+                         vocab_size=128256, rope_base=500000.0, max_position_embeddings=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                         tokenizer="tiktoken"),
+}

@@ -1,0 +1,201 @@
+"""The generation engine: slot scheduling over the static KV cache, prefill, batched decode, sampling.
+
+Active requests always occupy slots 0..n-1 (a finished request's slot is filled by moving the last one
+into it), so a decode step reads the cache prefix in place, and runs at the smallest batch bucket >= n.
+"""
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .config import ModelArgs
+from .model import Transformer
+from .request import Request, StepOutput
+from .sampling import SamplingParams, greedy_sample, sample
+from .tokenizer import Tokenizer
+
+PREFILL_BUCKETS = (16, 64, 256, 1024)
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def default_max_seq_len(args: ModelArgs) -> int:
+    """The KV cache length the CLI and the handler use unless told otherwise."""
+    return min(DEFAULT_MAX_SEQ_LEN, args.max_position_embeddings)
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return sizes + [max_batch_size]
+
+
+def prefill_buckets(max_seq_len: int) -> list[int]:
+    return [b for b in PREFILL_BUCKETS if b < max_seq_len] + [min(max_seq_len, PREFILL_BUCKETS[-1])]
+
+
+def _bucket(buckets: Sequence[int], n: int) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int, max_seq_len: int,
+                 compile: bool = False, seed: Optional[int] = None):
+        if max_seq_len > model.args.max_position_embeddings:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
+                             f"{model.args.max_position_embeddings}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.device = model.tok_embeddings.weight.device
+        model.setup_caches(max_batch_size, max_seq_len)
+        self.decode_buckets = batch_buckets(max_batch_size)
+        self.prefill_buckets = prefill_buckets(max_seq_len)
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []  # active[i].slot == i
+        self._rng = random.Random(seed)  # seeds for requests that bring none
+        self._decode, self._prefill_logits = self._decode_logits, model
+        if compile:
+            self._compile()
+
+    def _decode_logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        return self.model(tokens, positions)[:, 0]
+
+    def _compile(self) -> None:
+        # Every bucket is its own static graph; allow them all without hitting dynamo's recompile limit.
+        torch._dynamo.config.cache_size_limit = 64
+        torch._dynamo.config.accumulated_cache_size_limit = 512
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch._inductor.config.coordinate_descent_tuning = True
+        self._decode = torch.compile(self._decode_logits, mode="reduce-overhead" if cuda else None,
+                                     fullgraph=True, dynamic=False)
+        # Sampling stays eager: a handful of small kernels, not worth a compile per batch bucket.
+        self._prefill_logits = torch.compile(self.model, fullgraph=True, dynamic=False)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.active) + len(self.waiting)
+
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; it is prefilled at the next step() with a free slot."""
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens but the context holds "
+                                     f"{self.max_seq_len} (at most {self.max_seq_len - 1} prompt tokens)")
+        if any(r.request_id == request_id for r in (*self.active, *self.waiting)):
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        self.waiting.append(Request(request_id, list(prompt_ids), params, seed, self.tokenizer))
+
+    def cancel(self, request_id: str) -> None:
+        """Forget a request at once and free its slot (the client went away)."""
+        self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+        for i, req in enumerate(self.active):
+            if req.request_id == request_id:
+                self._free(i)
+                return
+
+    def step(self) -> list[StepOutput]:
+        """One decode step for running requests, then prefill of newly admitted ones (their first token)."""
+        outputs = self._decode_step(self.active) if self.active else []
+        self._retire()
+        while self.waiting and len(self.active) < self.max_batch_size:
+            req = self.waiting.popleft()
+            req.slot = len(self.active)
+            self.active.append(req)
+            outputs.append(self._prefill(req))
+        self._retire()
+        return outputs
+
+    def generate(self, prompts: Sequence[list[int]],
+                 params: Union[SamplingParams, Sequence[SamplingParams]]) -> list[Completion]:
+        """Run a batch of prompts to completion (offline use: CLI, tests, benchmarks)."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [f"generate-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, per_prompt):
+            self.add(rid, prompt, p)
+        done: dict[str, list[StepOutput]] = {rid: [] for rid in ids}
+        while self.num_active:
+            for out in self.step():
+                done[out.request_id].append(out)
+        return [Completion(tokens=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
+                           finish_reason=outs[-1].finish_reason, prompt_tokens=outs[-1].prompt_tokens)
+                for outs in done.values()]
+
+    def warmup(self) -> None:
+        """Compile every decode/prefill bucket ahead of traffic; padding-only inputs leave the cache as is."""
+        for batch in self.decode_buckets:
+            tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+            self._decode(tokens, torch.full_like(tokens, -1))
+        slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        for length in self.prefill_buckets:
+            tokens = torch.zeros(1, length, dtype=torch.long, device=self.device)
+            self._prefill_logits(tokens, torch.full_like(tokens, -1), slot, slot)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _decode_step(self, reqs: list[Request]) -> list[StepOutput]:
+        n = len(reqs)
+        batch = _bucket(self.decode_buckets, n)
+        tokens = [r.generated[-1] for r in reqs] + [0] * (batch - n)
+        positions = [r.num_tokens - 1 for r in reqs] + [-1] * (batch - n)
+        logits = self._decode(self._tensor(tokens)[:, None], self._tensor(positions)[:, None])
+        next_ids = self._pick(reqs, logits)
+        return [r.append([t], self.max_seq_len) for r, t in zip(reqs, next_ids)]
+
+    def _prefill(self, req: Request) -> StepOutput:
+        chunk = self.prefill_buckets[-1]
+        prompt = req.prompt_ids
+        for start in range(0, len(prompt), chunk):
+            part = prompt[start:start + chunk]
+            pad = _bucket(self.prefill_buckets, len(part)) - len(part)
+            positions = list(range(start, start + len(part))) + [-1] * pad
+            logits = self._prefill_logits(self._tensor([part + [0] * pad]), self._tensor([positions]),
+                                          self._tensor([req.slot]), self._tensor([len(part) - 1]))
+        return req.append(self._pick([req], logits), self.max_seq_len)
+
+    def _pick(self, reqs: list[Request], logits: Tensor) -> list[int]:
+        """Sample one token per request from logits [B >= len(reqs), V]; one host sync for the batch."""
+        if all(r.params.greedy for r in reqs):
+            return greedy_sample(logits)[: len(reqs)].tolist()
+        pad = logits.shape[0] - len(reqs)
+        floats = lambda xs: torch.tensor(xs + [1.0] * pad, dtype=torch.float32, device=self.device)
+        ids = sample(logits,
+                     floats([0.0 if r.params.greedy else r.params.temperature for r in reqs]),
+                     self._tensor([r.params.top_k for r in reqs] + [0] * pad),
+                     floats([r.params.top_p for r in reqs]),
+                     self._tensor([r.seed for r in reqs] + [0] * pad),
+                     self._tensor([r.num_tokens for r in reqs] + [0] * pad))
+        return ids[: len(reqs)].tolist()
+
+    def _tensor(self, values: list) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _retire(self) -> None:
+        i = 0
+        while i < len(self.active):
+            if self.active[i].finished:
+                self._free(i)
+            else:
+                i += 1
+
+    def _free(self, index: int) -> None:
+        last = self.active.pop()
+        if index < len(self.active):
+            self.model.copy_slot(last.slot, index)
+            last.slot = index
+            self.active[index] = last

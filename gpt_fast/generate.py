@@ -1,0 +1,87 @@
+"""Generate text from a converted checkpoint, like gpt-fast's generate.py.
+
+    python -m gpt_fast.generate --checkpoint checkpoints/tiny --prompt "The capital of France" --max-new-tokens 50
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import default_device, load_model, resolve_checkpoint
+from .engine import Engine, default_max_seq_len
+from .sampling import SamplingParams
+from .tokenizer import load_tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory, or a .pth inside one")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile decode and prefill")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16")
+    ap.add_argument("--max-seq-len", type=int, help="KV cache length (default: min(2048, model's))")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    a = ap.parse_args(argv)
+
+    try:
+        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                top_p=a.top_p, seed=a.seed, stop=tuple(a.stop))
+        weights = resolve_checkpoint(a.checkpoint)
+        device = torch.device(a.device or default_device())
+        t0 = time.perf_counter()
+        model = load_model(weights, device=device, dtype=DTYPES.get(a.dtype))
+        tokenizer = load_tokenizer(weights.parent, model.args.tokenizer, model.args.stop_token_ids)
+        engine = Engine(model, tokenizer, max_batch_size=1,
+                        max_seq_len=a.max_seq_len or default_max_seq_len(model.args), compile=a.compile)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if a.compile:
+            engine.warmup()
+        compile_s = time.perf_counter() - t0
+        prompt_ids = tokenizer.encode(a.prompt)
+        engine.add("cli", prompt_ids, params)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+    tokens: list[int] = []
+    text = []
+    t0 = time.perf_counter()
+    first = None
+    while engine.num_active:
+        for out in engine.step():
+            tokens += out.token_ids
+            text.append(out.text)
+            if not a.json:
+                print(out.text, end="", flush=True)
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    decode_s = end - first
+    tps = (len(tokens) - 1) / decode_s if len(tokens) > 1 else 0.0
+    weight_bytes = model.args.weight_bytes(model.tok_embeddings.weight.element_size())
+    stats = {"prompt_tokens": prompt_ids, "tokens": tokens, "text": "".join(text), "tokens_per_s": tps,
+             "time_to_first_token_s": first - t0, "bandwidth_gbs": weight_bytes * tps / 1e9,
+             "load_s": load_s, "compile_s": compile_s, "device": str(device),
+             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch.")}
+    if a.json:
+        print(json.dumps(stats))
+    else:
+        print(f"\n\n{len(tokens)} tokens, {tps:.1f} tokens/s, {stats['bandwidth_gbs']:.2f} GB/s, "
+              f"first token {stats['time_to_first_token_s'] * 1e3:.0f} ms, load {load_s:.1f} s, "
+              f"compile {compile_s:.1f} s ({device}, {stats['dtype']})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

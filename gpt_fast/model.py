@@ -1,0 +1,185 @@
+"""A gpt-fast style Llama-family transformer over a slot-based static KV cache.
+
+Every token carries its own position (`positions[b, t]`, -1 for padding), so rows of one batch can be at
+different lengths and advance by different amounts: prefill, decode, chunked prefill and speculative
+verification are all the same forward call.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelArgs
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer: [max_batch_size, n_kv_heads, max_seq_len + 1, head_dim].
+
+    The extra last position is a scratch column: padding tokens write there, and no mask ever reads it.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len + 1, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: Tensor, write_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v ([B, T, H, D]) at (slots[b], write_pos[b, t]); return the rows' whole caches."""
+        index = slots[:, None].expand_as(write_pos)
+        self.k_cache[index, :, write_pos] = k
+        self.v_cache[index, :, write_pos] = v
+        return self.k_cache.index_select(0, slots), self.v_cache.index_select(0, slots)
+
+    def read_prefix(self, batch: int) -> tuple[Tensor, Tensor]:
+        return self.k_cache[:batch], self.v_cache[:batch]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
+                               torch.where(wavelen < old_len / high, inv_freq, blended))
+    return inv_freq.float()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv_heads, self.head_dim = args.n_head, args.n_kv_heads, args.head_dim
+        self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_kv_heads) * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Optional[Tensor],
+                write_pos: Tensor) -> Tensor:
+        bsz, seqlen, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q = (q.float() * cos + rotate_half(q.float()) * sin).type_as(x)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).type_as(x)
+        if slots is None:  # decode: rows are slots 0..B-1, read in place without a copy
+            index = torch.arange(bsz, device=x.device)
+            self.kv_cache.update(index, write_pos, k, v)
+            keys, values = self.kv_cache.read_prefix(bsz)
+        else:
+            keys, values = self.kv_cache.update(slots, write_pos, k, v)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                           enable_gqa=self.n_head != self.n_kv_heads)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Optional[Tensor],
+                write_pos: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, write_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+
+    def tie_weights(self) -> None:
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the slot KV cache and the RoPE tables for positions 0..max_seq_len-1."""
+        weight = self.tok_embeddings.weight
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads,
+                                               self.args.head_dim, weight.dtype, weight.device)
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_inv_freq(self.args))
+        emb = torch.cat((freqs, freqs), dim=-1).to(weight.device)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("key_positions", torch.arange(max_seq_len + 1, device=weight.device),
+                             persistent=False)
+
+    def forward(self, tokens: Tensor, positions: Tensor, slots: Optional[Tensor] = None,
+                logit_index: Optional[Tensor] = None) -> Tensor:
+        """tokens, positions: [B, T] (position -1 marks padding). slots: [B] cache rows, or None for rows 0..B-1.
+
+        Returns fp32 logits [B, T, V], or [B, V] for the token at `logit_index[b]` of each row.
+        """
+        valid = positions >= 0
+        pos = positions.clamp(min=0)
+        cos = self.rope_cos[pos].unsqueeze(2)
+        sin = self.rope_sin[pos].unsqueeze(2)
+        # A token sees every key at a position <= its own in its row's slot (never the scratch column).
+        mask = (self.key_positions <= pos.unsqueeze(-1)).unsqueeze(1)
+        write_pos = torch.where(valid, positions, self.max_seq_len)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, slots, write_pos)
+        if logit_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logit_index]
+        return self.output(self.norm(x)).float()
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Move one request's cached keys/values to another slot (keeps active slots contiguous)."""
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            cache.k_cache[dst].copy_(cache.k_cache[src])
+            cache.v_cache[dst].copy_(cache.v_cache[src])

@@ -1,0 +1,83 @@
+"""One generation request's state on the host: tokens so far, text deltas, stop conditions."""
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .detokenizer import IncrementalDetokenizer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one request."""
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: Optional[str]  # "stop" | "length" | None while running
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    tokenizer: Tokenizer
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    _held: str = ""  # text that may be the start of a stop string, not yet shown
+    _stopped_by_string: bool = False
+
+    def __post_init__(self) -> None:
+        self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the sequence so far; the last generated one is not yet in the KV cache."""
+        return len(self.prompt_ids) + len(self.generated)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_ids: list[int], max_seq_len: int) -> StepOutput:
+        """Take newly sampled tokens (possibly several, e.g. from speculation) and decide what to show."""
+        new: list[int] = []
+        text = ""
+        for token in token_ids:
+            self.generated.append(token)
+            new.append(token)
+            if token in self.tokenizer.stop_ids and not self.params.ignore_eos:
+                self.finish_reason = "stop"
+                break
+            text += self._release(self._detok.push([token]))
+            if self.finished:
+                break
+            if len(self.generated) >= self.params.max_new_tokens or self.num_tokens >= max_seq_len:
+                self.finish_reason = "length"
+                break
+        if self.finished and not self._stopped_by_string:
+            text += self._release(self._detok.flush(), final=True)
+        return StepOutput(self.request_id, new, text, self.finished, self.finish_reason,
+                          len(self.prompt_ids), len(self.generated))
+
+    def _release(self, delta: str, final: bool = False) -> str:
+        """Return the text safe to show; hold back a tail that could still grow into a stop string."""
+        pending = self._held + delta
+        self._held = ""
+        hits = [i for i in (pending.find(s) for s in self.params.stop) if i >= 0]
+        if hits:
+            self._stopped_by_string = True
+            self.finish_reason = self.finish_reason or "stop"
+            return pending[: min(hits)]
+        if final:
+            return pending
+        hold = max((k for s in self.params.stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        if hold:
+            self._held = pending[-hold:]
+            return pending[:-hold]
+        return pending

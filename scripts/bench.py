@@ -1,0 +1,178 @@
+"""Benchmark batch-1 decode in process: tokens/s, time to first token, bandwidth achieved vs the machine's limit.
+
+    python scripts/bench.py --shape stories110M --device cpu --dtype bfloat16 float32 --compile both
+    python scripts/bench.py --checkpoint checkpoints/tiny --json bench_results/tiny.json
+
+Runs Hugging Face transformers eager on the same shape too (when installed) as the side-by-side reference.
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpt_fast.checkpoint import load_model  # noqa: E402
+from gpt_fast.config import NAMED_SHAPES, ModelArgs  # noqa: E402
+from gpt_fast.engine import Engine  # noqa: E402
+from gpt_fast.model import Transformer  # noqa: E402
+from gpt_fast.sampling import SamplingParams  # noqa: E402
+from gpt_fast.tokenizer import load_tokenizer  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class NoTextTokenizer:
+    """Random weights have no tokenizer: ids only, no stop ids, no text."""
+    bos_id, eos_id, stop_ids = 1, 2, frozenset()
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(device: torch.device) -> float:
+    """The physical limit, in bytes/s: CPU sums a large tensor; CUDA copies one (read + write counted)."""
+    n = (1 << 28) if device.type == "cpu" else (1 << 30)
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    y = torch.empty_like(x) if device.type == "cuda" else None
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        if y is None:
+            x.sum()
+        else:
+            y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * x.element_size() * (1 if y is None else 2) / best
+
+
+def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(args).to(dtype)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+def bench_engine(model: Transformer, tokenizer, prompt_len: int, new_tokens: int, compile: bool,
+                 device: torch.device) -> dict:
+    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=prompt_len + new_tokens + 8, compile=compile)
+    t0 = time.perf_counter()
+    engine.warmup()
+    compile_s = time.perf_counter() - t0
+    prompt = [1] + [(7 * i) % 100 + 3 for i in range(prompt_len - 1)]
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    runs = []
+    for _ in range(3):
+        engine.add("bench", prompt, params)
+        sync(device)
+        t0 = time.perf_counter()
+        engine.step()
+        sync(device)
+        t1 = time.perf_counter()
+        steps = 0
+        while engine.num_active:
+            engine.step()
+            steps += 1
+        sync(device)
+        runs.append((t1 - t0, steps / (time.perf_counter() - t1)))
+    ttft, tps = min(r[0] for r in runs), max(r[1] for r in runs)
+    return {"ttft_s": ttft, "tokens_per_s": tps, "compile_s": compile_s}
+
+
+def bench_hf(args: ModelArgs, prompt_len: int, new_tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=args.dim, num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
+                         num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
+                         intermediate_size=args.intermediate_size, vocab_size=args.vocab_size,
+                         rope_theta=args.rope_base, tie_word_embeddings=args.tie_embeddings)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    ids = torch.tensor([[1] + [(7 * i) % 100 + 3 for i in range(prompt_len - 1)]], device=device)
+
+    def timed(n: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - t0
+
+    timed(2)
+    ttft = min(timed(1) for _ in range(2))
+    total = min(timed(new_tokens) for _ in range(2))
+    return {"ttft_s": ttft, "tokens_per_s": (new_tokens - 1) / (total - ttft), "compile_s": 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shape", choices=sorted(NAMED_SHAPES))
+    src.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=sorted(DTYPES))
+    ap.add_argument("--compile", choices=["eager", "compiled", "both"], default="both")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=100)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
+    ap.add_argument("--json", type=Path, default=Path("bench_results/bench.json"))
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    limit = read_bandwidth(device)
+    modes = {"eager": [False], "compiled": [True], "both": [False, True]}[a.compile]
+    rows = []
+    for dtype_name in a.dtype:
+        dtype = DTYPES[dtype_name]
+        if a.checkpoint:
+            model = load_model(a.checkpoint, device=device, dtype=dtype)
+            tokenizer = load_tokenizer(Path(a.checkpoint), model.args.tokenizer, model.args.stop_token_ids)
+        else:
+            model = random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device, dtype)
+            tokenizer = NoTextTokenizer()
+        bytes_per_token = model.args.weight_bytes(torch.finfo(dtype).bits / 8)
+        runners = [(f"gpt-fast-serve {'compiled' if c else 'eager'}",
+                    lambda c=c: bench_engine(model, tokenizer, a.prompt_len, a.new_tokens, c, device))
+                   for c in modes]
+        if not a.no_hf and a.shape:
+            try:
+                import transformers  # noqa: F401
+                runners.append(("transformers eager",
+                                lambda: bench_hf(model.args, a.prompt_len, a.new_tokens, device, dtype)))
+            except ImportError:
+                pass
+        for name, run in runners:
+            r = run()
+            r.update(runner=name, dtype=dtype_name, bandwidth_gbs=bytes_per_token * r["tokens_per_s"] / 1e9)
+            r["of_limit"] = r["bandwidth_gbs"] * 1e9 / limit
+            rows.append(r)
+            print(f"  {name:28s} {dtype_name:9s} {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
+        del model
+    print(f"\n{a.shape or a.checkpoint} on {device} ({platform.processor() or platform.machine()}), torch "
+          f"{torch.__version__}, batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens; "
+          f"read bandwidth limit {limit / 1e9:.1f} GB/s")
+    print(f"| {'runner':28s} | dtype    | tok/s  | TTFT ms | GB/s  | of limit | compile s |")
+    print("|" + "|".join("-" * w for w in (30, 10, 8, 9, 7, 10, 11)) + "|")
+    for r in rows:
+        print(f"| {r['runner']:28s} | {r['dtype']:8s} | {r['tokens_per_s']:6.1f} | {r['ttft_s'] * 1e3:7.1f} | "
+              f"{r['bandwidth_gbs']:5.1f} | {r['of_limit']:8.0%} | {r['compile_s']:9.1f} |")
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"model": str(a.shape or a.checkpoint), "device": str(device),
+                                  "torch": torch.__version__, "read_bandwidth_gbs": limit / 1e9,
+                                  "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rows": rows}, indent=2))
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
