@@ -28,15 +28,11 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: Tensor, write_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v ([B, T, H, D]) at (slots[b], write_pos[b, t]); return the rows' whole caches."""
+    def update(self, slots: Tensor, write_pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write k, v ([B, T, H, D]) at (slots[b], write_pos[b, t])."""
         index = slots[:, None].expand_as(write_pos)
         self.k_cache[index, :, write_pos] = k
         self.v_cache[index, :, write_pos] = v
-        return self.k_cache.index_select(0, slots), self.v_cache.index_select(0, slots)
-
-    def read_prefix(self, batch: int) -> tuple[Tensor, Tensor]:
-        return self.k_cache[:batch], self.v_cache[:batch]
 
 
 class RMSNorm(nn.Module):
@@ -92,12 +88,13 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q = (q.float() * cos + rotate_half(q.float()) * sin).type_as(x)
         k = (k.float() * cos + rotate_half(k.float()) * sin).type_as(x)
+        cache = self.kv_cache
         if slots is None:  # decode: rows are slots 0..B-1, read in place without a copy
-            index = torch.arange(bsz, device=x.device)
-            self.kv_cache.update(index, write_pos, k, v)
-            keys, values = self.kv_cache.read_prefix(bsz)
+            cache.update(torch.arange(bsz, device=x.device), write_pos, k, v)
+            keys, values = cache.k_cache[:bsz], cache.v_cache[:bsz]
         else:
-            keys, values = self.kv_cache.update(slots, write_pos, k, v)
+            cache.update(slots, write_pos, k, v)
+            keys, values = cache.k_cache.index_select(0, slots), cache.v_cache.index_select(0, slots)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                            enable_gqa=self.n_head != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
