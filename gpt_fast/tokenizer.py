@@ -1,0 +1,131 @@
+"""Text <-> token ids for the two tokenizer families of Llama checkpoints: sentencepiece and tiktoken."""
+import base64
+import re
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import sentencepiece as spm
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+
+class Tokenizer:
+    """What the engine needs from a tokenizer: ids for bos/eos, the ids that end a generation, encode/decode."""
+
+    bos_id: int
+    eos_id: int
+    stop_ids: frozenset[int]
+    vocab_size: int
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Llama 2, Mistral and the embedded tiny model."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        self.processor = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.bos_id = self.processor.bos_id()
+        self.eos_id = self.processor.eos_id()
+        self.stop_ids = frozenset({self.eos_id})
+        self.vocab_size = self.processor.vocab_size()
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self.processor.encode(text)
+        return [self.bos_id] + ids if bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(list(ids))
+
+
+# Meta's Llama 3 split pattern and special tokens (llama-models' numbering, as in the 3.1 release).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+NUM_SPECIAL_TOKENS = 256
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
+LLAMA3_SPECIAL_TOKENS += [f"<|reserved_special_token_{2 + i}|>"
+                          for i in range(NUM_SPECIAL_TOKENS - len(LLAMA3_SPECIAL_TOKENS))]
+
+# tiktoken's regex runs out of backtracking stack on whitespace runs of ~1M chars; cut runs at this length.
+_MAX_WHITESPACE_RUN = 10_000
+_LONG_WHITESPACE = re.compile(r"(\s{%d})" % _MAX_WHITESPACE_RUN)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama 3: byte-level BPE from the `base64 rank` lines of tokenizer.model, then 256 special tokens."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        ranks = load_tiktoken_bpe(str(self.path))
+        num_base = len(ranks)  # 128000 for Meta's file; the special ids follow the base ranks
+        self.special = {token: num_base + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(name=self.path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                       special_tokens=self.special)
+        self.bos_id = self.special["<|begin_of_text|>"]
+        self.eos_id = self.special["<|end_of_text|>"]
+        self.stop_ids = frozenset({self.eos_id, self.special["<|eot_id|>"], self.special["<|eom_id|>"]})
+        self.vocab_size = num_base + NUM_SPECIAL_TOKENS
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = [self.bos_id] if bos else []
+        for piece in _LONG_WHITESPACE.split(text):
+            # User text is plain text: "<|eot_id|>" typed by a user is encoded as its characters, never as the id.
+            ids += self.model.encode(piece, allowed_special=set(), disallowed_special=())
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.model.decode(list(ids))
+
+
+def detect_kind(path: Path) -> Optional[str]:
+    """The kind of a tokenizer.model: "tiktoken" (`base64 rank` lines), "sentencepiece" (a ModelProto) or None."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    first = head.split(b"\n", 1)[0].split()
+    if len(first) == 2 and first[1].isdigit():
+        try:
+            base64.b64decode(first[0], validate=True)
+            return "tiktoken"
+        except ValueError:
+            pass
+    # A serialized ModelProto starts with field 1 (the pieces), length-delimited: tag byte 0x0a.
+    if head[:1] == b"\x0a":
+        return "sentencepiece"
+    return None
+
+
+def load_tokenizer(checkpoint_dir: Union[str, Path], kind: Optional[str] = None,
+                   extra_stop_ids: Iterable[int] = ()) -> Tokenizer:
+    """The tokenizer.model in checkpoint_dir; kind is config.json's `tokenizer` field, or None to detect it."""
+    path = Path(checkpoint_dir) / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    if kind is None:
+        kind = detect_kind(path)
+        if kind is None:
+            raise ValueError(f"{path}: neither a sentencepiece model nor a tiktoken BPE file")
+    if kind == "sentencepiece":
+        tokenizer = SentencePieceTokenizer(path)
+    elif kind == "tiktoken":
+        tokenizer = TiktokenTokenizer(path)
+    else:
+        raise ValueError(f"{path}: unknown tokenizer kind {kind!r} (expected 'sentencepiece' or 'tiktoken')")
+    tokenizer.stop_ids = tokenizer.stop_ids | frozenset(extra_stop_ids)
+    return tokenizer

@@ -1,0 +1,9 @@
+import pytest
+
+from gpt_fast.tiny import build_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The embedded tiny model (tokenizer.model, model.pth, config.json), built once per test session."""
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
