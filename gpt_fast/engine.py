@@ -138,13 +138,16 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile every decode/prefill bucket ahead of traffic; padding-only inputs leave the cache as is."""
+        # CUDA graphs are recorded on a shape's second run: run each decode bucket twice.
+        runs = 2 if self.device.type == "cuda" else 1
         for batch in self.decode_buckets:
             tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-            self._decode(tokens, torch.full_like(tokens, -1))
-        slot = torch.zeros(1, dtype=torch.long, device=self.device)
+            for _ in range(runs):
+                self._decode(tokens, torch.full_like(tokens, -1))
         for length in self.prefill_buckets:
             tokens = torch.zeros(1, length, dtype=torch.long, device=self.device)
-            self._prefill_logits(tokens, torch.full_like(tokens, -1), slot, slot)
+            # Distinct slot and logit_index tensors, as real calls pass: dynamo guards on aliasing.
+            self._prefill_logits(tokens, torch.full_like(tokens, -1), self._tensor([0]), self._tensor([0]))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

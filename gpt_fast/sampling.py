@@ -15,7 +15,7 @@ class InvalidParam(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class SamplingParams:
             raise InvalidParam("max_new_tokens", "must be >= 1")
         if self.temperature < 0:
             raise InvalidParam("temperature", "must be >= 0")
-        if self.top_k < 0:
-            raise InvalidParam("top_k", "must be >= 0 (0 disables top-k)")
+        if not 0 <= self.top_k < 2**31:
+            raise InvalidParam("top_k", "must be in [0, 2**31) (0 disables top-k)")
         if not 0 < self.top_p <= 1:
             raise InvalidParam("top_p", "must be in (0, 1]")
         if self.seed is not None and not 0 <= self.seed < 2**63:

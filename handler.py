@@ -1,0 +1,97 @@
+"""TorchServe handler: a thin adapter from TorchServe's continuous batching to gpt_fast.serving.ServingLoop.
+
+model_config.yaml sets `continuousBatching: true`, so every handle() call is one engine step for all
+in-flight requests: new ones carry their body, ones already seen arrive as {}, and a client that went away
+simply stops appearing. Each call returns one item per request; TorchServe sends it as the next HTTP chunk
+of that request's response, and `ctx.stopping_criteria` tells it which responses are complete.
+"""
+import logging
+import os
+import time
+from http import HTTPStatus
+from typing import Any, Callable, Optional
+
+from ts.metrics.metric_cache_errors import MetricsCacheKeyError
+from ts.metrics.metric_type_enum import MetricTypes
+
+from gpt_fast.checkpoint import load_model, resolve_checkpoint
+from gpt_fast.engine import Engine, default_max_seq_len
+from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, REQUESTS_FINISHED,
+                              TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, ServingLoop)
+from gpt_fast.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# name -> (type, unit, labels after ModelName); scripts/metrics.yaml lists the same for the frontend.
+METRICS = {
+    TIME_TO_FIRST_TOKEN: (MetricTypes.HISTOGRAM, "s", []),
+    INTER_TOKEN_LATENCY: (MetricTypes.HISTOGRAM, "s", []),
+    GENERATED_TOKENS: (MetricTypes.COUNTER, "count", []),
+    REQUESTS_FINISHED: (MetricTypes.COUNTER, "count", ["Reason"]),
+    ACTIVE_SLOTS: (MetricTypes.GAUGE, "count", []),
+}
+
+
+class GptFastHandler:
+    def initialize(self, ctx) -> None:
+        props = ctx.system_properties
+        config = HandlerConfig.from_dict(ctx.model_yaml_config.get("handler"), props["batch_size"])
+        device = config.torch_device(props.get("gpu_id"))
+        checkpoint = resolve_checkpoint(config.checkpoint_path(props["model_dir"]))
+        start = time.perf_counter()
+        model = load_model(checkpoint, device, config.torch_dtype())
+        tokenizer = load_tokenizer(checkpoint.parent, model.args.tokenizer, model.args.stop_token_ids)
+        loaded = time.perf_counter()
+        logger.info("loaded %s on %s as %s in %.1f s", checkpoint, device, model.tok_embeddings.weight.dtype,
+                    loaded - start)
+        max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
+        engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile)
+        self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))
+        self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
+        logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s", config.compile,
+                    config.max_batch_size, max_seq_len, time.perf_counter() - loaded)
+
+    def handle(self, data: list[dict], ctx) -> list[bytes]:
+        batch = [(ctx.request_ids[i], _body(item)) for i, item in enumerate(data)]
+        replies = self.loop.step(batch)
+        for i, reply in enumerate(replies):
+            if reply.first:  # only the first reply's status and headers reach the client
+                ctx.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx=i)
+                ctx.set_response_content_type(i, reply.content_type)
+        ctx.stopping_criteria = [_criterion(reply) for reply in replies]
+        return [reply.body for reply in replies]
+
+
+def _body(item: dict) -> Any:
+    """A new request's payload: its body (or a form field named data), other form fields, or None if seen."""
+    if "body" in item or "data" in item:
+        return item.get("body", item.get("data"))
+    return item or None
+
+
+def _criterion(reply: Reply) -> Callable[[Any], Optional[bool]]:
+    # False: more chunks follow. True: the last chunk of a stream. But True on a request's FIRST reply makes
+    # TorchServe 0.12 send the body without HTTP headers (the client hangs), so a request that is done at
+    # once (a rejected one: ServingLoop answers the others' first reply empty) returns None: a plain complete
+    # response, after which the frontend drops the job. A 400 must be such a complete response anyway: the
+    # frontend closes the connection right after the headers of any status >= 400.
+    if reply.finished and reply.first:
+        return lambda _: None
+    return lambda _: reply.finished
+
+
+def _emitter(ctx) -> Callable[..., None]:
+    """emit(name, value, **labels) into ctx.metrics; a no-op on ranks other than 0 (counts would double)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return lambda name, value, **labels: None
+    metrics = {}
+    for name, (kind, unit, labels) in METRICS.items():
+        try:
+            metrics[name] = ctx.metrics.get_metric(name, kind)
+        except MetricsCacheKeyError:  # not in the metrics.yaml in use: still logged, not on :8082/metrics
+            metrics[name] = ctx.metrics.add_metric_to_cache(name, unit, ["ModelName", *labels], kind)
+
+    def emit(name: str, value: float, **labels: str) -> None:
+        metrics[name].add_or_update(value, [ctx.model_name, *labels.values()])  # a fresh list every time
+
+    return emit

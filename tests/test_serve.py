@@ -1,0 +1,300 @@
+"""End to end: the tiny model archived by scripts/archive.sh, served by real TorchServe (Java) on 127.0.0.1.
+
+One server for the module, on free ports with its own run directory, stopped by the fixture even when a
+test fails (its logs are then printed). The reference answers come from the in-process engine.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from gpt_fast.checkpoint import load_model
+from gpt_fast.engine import Engine
+from gpt_fast.sampling import SamplingParams
+from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, REQUESTS_FINISHED,
+                              TIME_TO_FIRST_TOKEN)
+from gpt_fast.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH_SIZE = 8
+MAX_SEQ_LEN = 512
+# compile: false keeps startup to seconds (compiling every bucket takes minutes on a small CPU).
+MODEL_CONFIG = f"""\
+minWorkers: 1
+maxWorkers: 1
+batchSize: {BATCH_SIZE}
+maxBatchDelay: 20
+responseTimeout: 60
+startupTimeout: 120
+continuousBatching: true
+handler:
+  compile: false
+  max_seq_len: {MAX_SEQ_LEN}
+"""
+REQUEST = json.loads((ROOT / "request.json").read_text())
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Server:
+    def __init__(self, run_dir: Path, ports: list[int]):
+        self.run_dir = run_dir
+        self.url = f"http://127.0.0.1:{ports[0]}/predictions/gpt-fast"
+        self.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
+        self.env = {"GFS_RUN_DIR": str(run_dir), "GFS_MODEL_STORE": str(run_dir / "model_store"),
+                    "GFS_START_TIMEOUT": "180"}
+        for name, port in zip(("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT"), ports):
+            self.env[f"GFS_{name}_PORT"] = str(port)
+
+    def script(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "scripts" / args[0]), *args[1:]], env={**os.environ, **self.env},
+                              capture_output=True, text=True, timeout=300)
+
+    @property
+    def headers(self) -> dict:
+        key = json.loads((self.run_dir / "key_file.json").read_text())["inference"]["key"]
+        return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+    def post(self, body, **kw) -> requests.Response:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return requests.post(self.url, data=data, headers=kw.pop("headers", self.headers), timeout=120, **kw)
+
+    def log(self, name: str) -> str:
+        path = self.run_dir / "logs" / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory, request):
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs Java (scripts/setup.sh installs it)")
+    run_dir = tmp_path_factory.mktemp("serve")
+    config = run_dir / "model_config.yaml"
+    config.write_text(MODEL_CONFIG)
+    srv = Server(run_dir, free_ports(5))
+    failed_before, up = request.session.testsfailed, False
+    try:
+        archived = srv.script("archive.sh", str(tiny_checkpoint), "--config", str(config))
+        assert archived.returncode == 0, archived.stdout + archived.stderr
+        started = srv.script("serve.sh", "start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        up = True
+        yield srv
+    finally:
+        stopped = srv.script("serve.sh", "stop")
+        if not up or request.session.testsfailed > failed_before or stopped.returncode != 0:
+            # Straight to the terminal: a module fixture's teardown output is not shown otherwise.
+            for name in ("ts_log.log", "model_log.log"):
+                sys.__stderr__.write(f"\n===== {name} (tail) =====\n{srv.log(name)[-20000:]}\n")
+            sys.__stderr__.write(f"\n===== serve.sh stop =====\n{stopped.stdout}{stopped.stderr}\n")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    """The in-process engine with the server's settings (default dtype, same context length)."""
+    model = load_model(tiny_checkpoint, device="cpu")
+    tokenizer = load_tokenizer(tiny_checkpoint, model.args.tokenizer, model.args.stop_token_ids)
+    return Engine(model, tokenizer, max_batch_size=BATCH_SIZE, max_seq_len=MAX_SEQ_LEN)
+
+
+def solo(engine: Engine, body: dict):
+    params = SamplingParams(max_new_tokens=body.get("max_new_tokens", 256), temperature=body.get("temperature", 0.0),
+                            top_k=body.get("top_k", 0), top_p=body.get("top_p", 1.0), seed=body.get("seed"),
+                            stop=tuple([body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop", ())))
+    return engine.generate([engine.tokenizer.encode(body["prompt"])], params)[0]
+
+
+def stream(server: Server, body: dict) -> tuple[list[bytes], list[float]]:
+    """POST and read the chunks as they arrive; returns them and their arrival times."""
+    chunks, times = [], []
+    with server.post(body, stream=True) as r:
+        assert r.status_code == 200, r.text
+        for chunk in r.iter_content(chunk_size=None):
+            chunks.append(chunk)
+            times.append(time.perf_counter())
+    return chunks, times
+
+
+def worker_starts(server: Server) -> int:
+    return server.log("model_log.log").count("Torch worker started.")
+
+
+def test_streamed_equals_non_streamed_equals_engine(server, engine):
+    chunks, times = stream(server, REQUEST)
+    # One chunk per generated token (a token can add no text), sent as each step finishes.
+    assert len(chunks) > REQUEST["max_new_tokens"] // 2
+    assert times[-1] - times[0] > 0.01
+    text = b"".join(chunks).decode()
+
+    r = server.post({**REQUEST, "stream": False})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    answer = r.json()
+    expected = solo(engine, REQUEST)
+    assert answer["text"] == text == expected.text
+    assert answer["finish_reason"] == "length"  # the tiny model never emits eos
+    assert answer["usage"] == {"prompt_tokens": expected.prompt_tokens,
+                               "completion_tokens": REQUEST["max_new_tokens"]}
+
+
+def test_concurrent_requests_match_their_solo_results(server, engine):
+    bodies = [
+        {"prompt": "The capital of France", "max_new_tokens": 40},
+        {"prompt": "Once upon a time there was a little", "max_new_tokens": 25, "stream": False},
+        {"prompt": "A", "max_new_tokens": 1},  # done on its first step
+        {"prompt": "A", "max_new_tokens": 1, "stream": False},
+        {"prompt": "The river ran past the old mill and the children watched the water", "max_new_tokens": 33},
+        {"prompt": "Bread and", "max_new_tokens": 30, "temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 7},
+        {"prompt": "Bread and", "max_new_tokens": 30, "temperature": 1.0, "seed": 8, "stream": False},
+        {"prompt": "The capital of France", "max_new_tokens": 40, "stop": "ar"},
+    ]
+    results: dict[int, tuple] = {}
+
+    def run(i: int) -> None:
+        if bodies[i].get("stream", True):
+            chunks, _ = stream(server, bodies[i])
+            results[i] = (b"".join(chunks).decode(), None)
+        else:
+            r = server.post(bodies[i])
+            assert r.status_code == 200, r.text
+            results[i] = (r.json()["text"], r.json()["finish_reason"])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(len(bodies)))
+    for i, body in enumerate(bodies):
+        expected = solo(engine, body)
+        text, reason = results[i]
+        assert text == expected.text, body
+        assert reason in (None, expected.finish_reason), body
+    assert solo(engine, bodies[-1]).finish_reason == "stop"  # the stop string was hit
+
+
+BAD_REQUESTS = [
+    (b"", "body"),
+    (b"\xff\xfe{not utf-8", "body"),
+    (b'{"prompt": "The capital', "body"),  # malformed JSON
+    (b'["The capital of France"]', "body"),  # not an object
+    (b'"The capital of France"', "body"),
+    ({"max_new_tokens": 5}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": "x", "max_new_tokens": True}, "max_new_tokens"),  # a bool is not an int
+    ({"prompt": "x", "max_new_tokens": 5.5}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": "5"}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": -3}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 10**12}, "max_new_tokens"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "top_k": -1}, "top_k"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "seed": 1.5}, "seed"),
+    ({"prompt": "x", "stop": ["ok", 3]}, "stop"),
+    ({"prompt": "x", "stop": ""}, "stop"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "temperatur": 0.5}, "temperatur"),  # unknown field
+    ({"prompt": "x " * MAX_SEQ_LEN}, "prompt"),  # longer than the context
+    (b'{"prompt": "\\ud800"}', "prompt"),  # an unpaired surrogate
+    (b'{"prompt": "x", "temperature": NaN}', "temperature"),
+]
+
+
+def test_bad_requests_get_400_for_themselves_alone(server, engine):
+    starts = worker_starts(server)
+    long = {"prompt": "The capital of France", "max_new_tokens": 120}
+    done = {}
+    in_flight = threading.Thread(target=lambda: done.update(text=b"".join(stream(server, long)[0]).decode()))
+    in_flight.start()  # shares its steps with every bad request below
+    time.sleep(0.3)
+    for body, field in BAD_REQUESTS:
+        r = server.post(body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.headers["content-type"] == "application/json"
+        error = r.json()
+        assert set(error) == {"error", "field"} and error["field"] == field, (body, error)
+    # Form fields (curl --data without a Content-Type) are refused the same way.
+    r = server.post(b"prompt=hello", headers={**server.headers, "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    in_flight.join(timeout=120)
+    assert done["text"] == solo(engine, long).text
+    r = server.post({**REQUEST, "stream": False})
+    assert r.status_code == 200 and r.json()["text"] == solo(engine, REQUEST).text
+    assert worker_starts(server) == starts == 1
+    assert "Backend worker process died" not in server.log("ts_log.log")
+
+
+def test_client_disconnect_frees_its_slot(server, engine):
+    def cancelled() -> float:
+        return metric(server, REQUESTS_FINISHED, 'Reason="cancelled"')
+
+    before = cancelled()
+    abandoned = [server.post({"prompt": "Once upon a time", "max_new_tokens": MAX_SEQ_LEN - 10}, stream=True)
+                 for _ in range(BATCH_SIZE)]
+    for r in abandoned:
+        assert r.status_code == 200
+        next(r.iter_content(chunk_size=None))
+        r.close()  # drops the connection mid-stream
+    # A full batch right behind them: it gets the slots only if the abandoned requests freed theirs.
+    body = {"prompt": "The capital of France", "max_new_tokens": 20, "stream": False}
+    with_slots = []
+    threads = [threading.Thread(target=lambda: with_slots.append(server.post(body))) for _ in range(BATCH_SIZE)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    elapsed = time.perf_counter() - start
+    expected = solo(engine, body).text
+    assert [r.status_code for r in with_slots] == [200] * BATCH_SIZE
+    assert all(r.json()["text"] == expected for r in with_slots)
+    assert cancelled() - before == BATCH_SIZE
+    assert metric(server, ACTIVE_SLOTS) == 0
+    # Had the abandoned requests kept their slots, this batch would have waited ~500 steps for them.
+    assert elapsed < 60
+
+
+def test_requests_without_the_token_are_refused(server):
+    for headers in ({"Content-Type": "application/json"},
+                    {"Content-Type": "application/json", "Authorization": "Bearer not-the-key"}):
+        r = server.post(REQUEST, headers=headers)
+        # TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException (not 401).
+        assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
+
+
+def metric(server: Server, name: str, labels: str = "") -> float:
+    text = requests.get(server.metrics_url, timeout=30).text
+    values = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*{labels}[^}}]*}} (\S+)$", text, re.M)]
+    return sum(values)
+
+
+def test_metrics_endpoint_lists_our_metrics(server):
+    assert server.post({**REQUEST, "stream": False}).status_code == 200
+    text = requests.get(server.metrics_url, timeout=30).text
+    for name in (GENERATED_TOKENS, REQUESTS_FINISHED, ACTIVE_SLOTS):
+        assert re.search(rf"^{name}{{.*ModelName=\"gpt-fast\"", text, re.M), name
+    for name in (TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY):
+        assert re.search(rf"^{name}_count{{.*}} [1-9]", text, re.M), name
+    assert metric(server, GENERATED_TOKENS) >= REQUEST["max_new_tokens"]
+    assert metric(server, REQUESTS_FINISHED, 'Reason="length"') >= 1

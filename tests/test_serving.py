@@ -1,0 +1,142 @@
+"""gpt_fast.serving in-process: handler config, request validation and the per-step loop (no TorchServe)."""
+import json
+
+import pytest
+import torch
+
+from gpt_fast.checkpoint import load_model
+from gpt_fast.engine import Engine
+from gpt_fast.sampling import SamplingParams
+from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, JSON, REQUESTS_FINISHED, TEXT,
+                              TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, RequestError, ServingLoop,
+                              parse_request)
+from gpt_fast.tokenizer import load_tokenizer
+
+DEFAULTS = SamplingParams(max_new_tokens=16)
+
+
+def test_handler_config_defaults_and_errors():
+    config = HandlerConfig.from_dict(None, batch_size=4)
+    assert config.max_batch_size == 4 and config.compile and config.checkpoint == "checkpoint"
+    config = HandlerConfig.from_dict({"stop": "\n", "max_batch_size": 2, "dtype": "float32", "device": "cpu"}, 8)
+    assert config.stop == ("\n",) and config.max_batch_size == 2 and config.torch_dtype() == torch.float32
+    assert str(config.checkpoint_path("/models/x")) == "/models/x/checkpoint"
+    assert str(HandlerConfig.from_dict({"checkpoint": "/ckpt"}, 1).checkpoint_path("/models/x")) == "/ckpt"
+    for bad in ({"max_seq_lne": 8}, {"compile": "yes"}, {"max_seq_len": True}, {"dtype": "int8"},
+                {"device": "tpu"}, {"top_p": 0}, {"temperature": float("nan")}, {"max_batch_size": 0}):
+        with pytest.raises(ValueError):
+            HandlerConfig.from_dict(bad, 8)
+    with pytest.raises(ValueError, match="unknown keys"):
+        HandlerConfig.from_dict({"max_seq_lne": 8}, 8)
+
+
+def test_device_follows_the_gpu_torchserve_assigns():
+    auto = HandlerConfig.from_dict({}, 1)
+    assert auto.torch_device(None) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert auto.torch_device(0) == torch.device("cuda", 0)
+    else:
+        assert auto.torch_device(0) == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA"):
+            HandlerConfig.from_dict({"device": "cuda"}, 1).torch_device(0)
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": "hi", "stop": "x"}', '{"prompt": "hi", "stop": "x"}',
+                                  {"prompt": "hi", "stop": "x"}, bytearray(b'{"prompt": "hi", "stop": "x"}')])
+def test_parse_request_takes_raw_or_decoded_bodies(body):
+    request = parse_request(body, DEFAULTS, max_seq_len=64)
+    assert request.prompt == "hi" and request.stream and request.params == SamplingParams(max_new_tokens=16,
+                                                                                          stop=("x",))
+
+
+def test_parse_request_errors_name_the_field():
+    with pytest.raises(RequestError) as e:
+        parse_request({"prompt": "hi", "top_k": 2.0}, DEFAULTS, max_seq_len=64)
+    assert json.loads(e.value.to_json()) == {"error": "must be an integer, got 2.0", "field": "top_k"}
+    with pytest.raises(RequestError, match="form fields"):
+        parse_request({"prompt": b"hi"}, DEFAULTS, max_seq_len=64)
+    with pytest.raises(RequestError, match="at most 16"):
+        parse_request({"prompt": "hi", "stop": ["s"] * 17}, DEFAULTS, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)
+
+
+def make_loop(parts, max_batch_size=4):
+    model, tokenizer = parts
+    events = []
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=64)
+    loop = ServingLoop(engine, tokenizer, DEFAULTS, lambda name, value, **labels: events.append((name, labels)))
+    return loop, events
+
+
+def run(loop, bodies: dict) -> dict:
+    """Drive the loop as TorchServe does (bodies first, then None) until every request has finished."""
+    replies = {rid: [] for rid in bodies}
+    batch = list(bodies.items())
+    while batch:
+        for (rid, _), reply in zip(batch, loop.step(batch)):
+            replies[rid].append(reply)
+        batch = [(rid, None) for rid, _ in batch if not replies[rid][-1].finished]
+    return replies
+
+
+def test_loop_streams_answers_and_rejects_alone(parts):
+    loop, events = make_loop(parts)
+    engine = loop.engine
+    replies = run(loop, {"s": {"prompt": "The capital", "max_new_tokens": 5},
+                         "n": {"prompt": "The capital", "max_new_tokens": 5, "stream": False},
+                         "one": {"prompt": "The capital", "max_new_tokens": 1},
+                         "bad": {"prompt": "The capital", "top_p": 2}})
+    expected = engine.generate([engine.tokenizer.encode("The capital")], SamplingParams(max_new_tokens=5))[0]
+    # The first reply (HTTP headers) is empty: the step it starts is collected by the next call.
+    assert [(r.first, r.body == b"") for r in replies["s"]] == [(True, True)] + [(False, False)] * 5
+    assert b"".join(r.body for r in replies["s"]).decode() == expected.text
+    assert replies["s"][0].content_type == TEXT and all(r.status == 200 for r in replies["s"])
+    # stream: false sends nothing visible until the whole answer.
+    assert [r.body for r in replies["n"][:-1]] == [b""] * 5 and replies["n"][0].content_type == JSON
+    assert json.loads(replies["n"][-1].body) == {"text": expected.text, "finish_reason": "length",
+                                                 "usage": {"prompt_tokens": 3, "completion_tokens": 5}}
+    assert [(r.first, r.finished) for r in replies["one"]] == [(True, False), (False, True)]
+    # A rejected request is done on its first reply (the handler makes that a plain, complete response).
+    (bad,) = replies["bad"]
+    assert bad.first and bad.finished and bad.status == 400 and json.loads(bad.body)["field"] == "top_p"
+    assert engine.num_active == 0 and not loop.tracked
+    names = [name for name, _ in events]
+    assert {TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERATED_TOKENS, ACTIVE_SLOTS} <= set(names)
+    assert sorted(labels["reason"] for name, labels in events if name == REQUESTS_FINISHED) == \
+        ["error", "length", "length", "length"]
+
+
+def test_loop_cancels_vanished_requests_and_queues_beyond_its_slots(parts):
+    loop, events = make_loop(parts, max_batch_size=1)
+    body = {"prompt": "Once upon a time", "max_new_tokens": 30}
+    loop.step([("a", body), ("b", body)])
+    second = loop.step([("a", None), ("b", None)])
+    assert second[0].body and second[1] == Reply(b"", False, False)  # b waits for a's slot
+    loop.step([("b", None)])  # a's client went away
+    assert set(loop.tracked) == {"b"} and loop.engine.num_active == 1
+    assert ("gpt_fast_requests_finished_total", {"reason": "cancelled"}) in events
+    assert loop.step([("b", None)])[0].body  # b got the slot
+
+
+def test_loop_frees_every_slot_when_the_engine_fails(parts, monkeypatch):
+    loop, _ = make_loop(parts)
+    engine_step, calls = loop.engine.step, []
+
+    def third_step_fails():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return engine_step()
+
+    monkeypatch.setattr(loop.engine, "step", third_step_fails)
+    loop.step([("a", {"prompt": "x"})])
+    loop.step([("a", None)])
+    loop.step([("a", None), ("b", {"prompt": "y"})])  # starts the failing step
+    with pytest.raises(RuntimeError, match="device lost"):
+        loop.step([("a", None), ("b", None)])
+    assert not loop.tracked and loop.engine.num_active == 0
