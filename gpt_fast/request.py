@@ -18,6 +18,11 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int
 
+    def followed_by(self, later: "StepOutput") -> "StepOutput":
+        """This step's output and a later step's, as one."""
+        return StepOutput(self.request_id, self.token_ids + later.token_ids, self.text + later.text, later.finished,
+                          later.finish_reason, later.prompt_tokens, later.completion_tokens)
+
 
 @dataclass
 class Request:

@@ -4,11 +4,8 @@ One server for the module, on free ports with its own run directory, stopped by 
 test fails (its logs are then printed). The reference answers come from the in-process engine.
 """
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +20,9 @@ from gpt_fast.sampling import SamplingParams
 from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, REQUESTS_FINISHED,
                               TIME_TO_FIRST_TOKEN)
 from gpt_fast.tokenizer import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from local_server import LocalServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZE = 8
@@ -43,44 +43,6 @@ handler:
 REQUEST = json.loads((ROOT / "request.json").read_text())
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-class Server:
-    def __init__(self, run_dir: Path, ports: list[int]):
-        self.run_dir = run_dir
-        self.url = f"http://127.0.0.1:{ports[0]}/predictions/gpt-fast"
-        self.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
-        self.env = {"GFS_RUN_DIR": str(run_dir), "GFS_MODEL_STORE": str(run_dir / "model_store"),
-                    "GFS_START_TIMEOUT": "180"}
-        for name, port in zip(("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT"), ports):
-            self.env[f"GFS_{name}_PORT"] = str(port)
-
-    def script(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(ROOT / "scripts" / args[0]), *args[1:]], env={**os.environ, **self.env},
-                              capture_output=True, text=True, timeout=300)
-
-    @property
-    def headers(self) -> dict:
-        key = json.loads((self.run_dir / "key_file.json").read_text())["inference"]["key"]
-        return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-
-    def post(self, body, **kw) -> requests.Response:
-        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return requests.post(self.url, data=data, headers=kw.pop("headers", self.headers), timeout=120, **kw)
-
-    def log(self, name: str) -> str:
-        path = self.run_dir / "logs" / name
-        return path.read_text(errors="replace") if path.exists() else ""
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory, request):
     if shutil.which("java") is None:
@@ -88,17 +50,14 @@ def server(tiny_checkpoint, tmp_path_factory, request):
     run_dir = tmp_path_factory.mktemp("serve")
     config = run_dir / "model_config.yaml"
     config.write_text(MODEL_CONFIG)
-    srv = Server(run_dir, free_ports(5))
+    srv = LocalServer(run_dir)
     failed_before, up = request.session.testsfailed, False
     try:
-        archived = srv.script("archive.sh", str(tiny_checkpoint), "--config", str(config))
-        assert archived.returncode == 0, archived.stdout + archived.stderr
-        started = srv.script("serve.sh", "start")
-        assert started.returncode == 0, started.stdout + started.stderr
+        srv.archive_and_start(tiny_checkpoint, config)
         up = True
         yield srv
     finally:
-        stopped = srv.script("serve.sh", "stop")
+        stopped = srv.stop()
         if not up or request.session.testsfailed > failed_before or stopped.returncode != 0:
             # Straight to the terminal: a module fixture's teardown output is not shown otherwise.
             for name in ("ts_log.log", "model_log.log"):
@@ -121,7 +80,7 @@ def solo(engine: Engine, body: dict):
     return engine.generate([engine.tokenizer.encode(body["prompt"])], params)[0]
 
 
-def stream(server: Server, body: dict) -> tuple[list[bytes], list[float]]:
+def stream(server: LocalServer, body: dict) -> tuple[list[bytes], list[float]]:
     """POST and read the chunks as they arrive; returns them and their arrival times."""
     chunks, times = [], []
     with server.post(body, stream=True) as r:
@@ -132,7 +91,7 @@ def stream(server: Server, body: dict) -> tuple[list[bytes], list[float]]:
     return chunks, times
 
 
-def worker_starts(server: Server) -> int:
+def worker_starts(server: LocalServer) -> int:
     return server.log("model_log.log").count("Torch worker started.")
 
 
@@ -283,7 +242,7 @@ def test_requests_without_the_token_are_refused(server):
         assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException"
 
 
-def metric(server: Server, name: str, labels: str = "") -> float:
+def metric(server: LocalServer, name: str, labels: str = "") -> float:
     text = requests.get(server.metrics_url, timeout=30).text
     values = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*{labels}[^}}]*}} (\S+)$", text, re.M)]
     return sum(values)

@@ -1,0 +1,60 @@
+"""A private TorchServe on 127.0.0.1 for tests and benchmarks: free ports, its own run dir, archive + start + stop
+through scripts/archive.sh and scripts/serve.sh (so they are what gets exercised)."""
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalServer:
+    def __init__(self, run_dir: Path, name: str = "gpt-fast", start_timeout: int = 180):
+        ports = free_ports(5)
+        self.run_dir, self.name = Path(run_dir), name
+        self.url = f"http://127.0.0.1:{ports[0]}/predictions/{name}"
+        self.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
+        self.env = {"GFS_RUN_DIR": str(run_dir), "GFS_MODEL_STORE": str(self.run_dir / "model_store"),
+                    "GFS_START_TIMEOUT": str(start_timeout)}
+        for kind, port in zip(("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT"), ports):
+            self.env[f"GFS_{kind}_PORT"] = str(port)
+
+    def script(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "scripts" / args[0]), *args[1:]], env={**os.environ, **self.env},
+                              capture_output=True, text=True, timeout=timeout)
+
+    def archive_and_start(self, checkpoint: Path, config: Path) -> None:
+        for args in (("archive.sh", str(checkpoint), "--name", self.name, "--config", str(config)),
+                     ("serve.sh", "start")):
+            done = self.script(*args, timeout=3600)
+            if done.returncode:
+                raise RuntimeError(f"{args[0]} failed:\n{done.stdout}{done.stderr}")
+
+    def stop(self) -> subprocess.CompletedProcess:
+        return self.script("serve.sh", "stop")
+
+    @property
+    def headers(self) -> dict:
+        key = json.loads((self.run_dir / "key_file.json").read_text())["inference"]["key"]
+        return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+    def post(self, body, **kw) -> requests.Response:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return requests.post(self.url, data=data, headers=kw.pop("headers", self.headers), timeout=300, **kw)
+
+    def log(self, name: str) -> str:
+        path = self.run_dir / "logs" / name
+        return path.read_text(errors="replace") if path.exists() else ""
