@@ -6,6 +6,7 @@ import torch
 
 from .config import ModelArgs
 from .model import Transformer
+from .quantized import empty_quantized_linears, pack_for_device
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
@@ -29,20 +30,30 @@ def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device, None] = None,
                dtype: Optional[torch.dtype] = None) -> Transformer:
-    """Build the model on the meta device and assign the mmapped weights (no second copy in RAM)."""
+    """Build the model on the meta device and assign the mmapped weights (no second copy in RAM).
+
+    A quantized checkpoint (config.json's `quantization`) gets quantized Linear layers before the weights are
+    assigned; int4 weights are packed for `device` last.
+    """
     weights = resolve_checkpoint(path)
     args = ModelArgs.load(weights.parent / "config.json")
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
         model = Transformer(args)
+        if args.quantization:
+            empty_quantized_linears(model, args.quantization)
     state = torch.load(weights, mmap=True, weights_only=True)
-    expected = set(model.state_dict()) - ({"output.weight"} if args.tie_embeddings else set())
+    # A quantized checkpoint stores its own quantized copy of a tied output layer.
+    tied = args.tie_embeddings and not args.quantization
+    expected = set(model.state_dict()) - ({"output.weight"} if tied else set())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(f"{weights}: weights do not match config.json: missing {sorted(missing)[:8]}, "
                          f"unexpected {sorted(unexpected)[:8]}")
     model.load_state_dict(state, assign=True, strict=False)
-    model.tie_weights()
+    if tied:
+        model.tie_weights()
     model = model.to(device=device, dtype=dtype)
+    pack_for_device(model)
     return model.eval().requires_grad_(False)

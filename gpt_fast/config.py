@@ -4,6 +4,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+QUANT_MODES = ("int8", "int4")
+# The group sizes both int4 kernels accept (CUDA tinygemm and the CPU one).
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_INT4_GROUP_SIZE = 128
+
+
+def quantization_scheme(mode: str, groupsize: Optional[int] = None) -> dict:
+    """The `quantization` entry of config.json for a mode; raises ValueError for what no kernel can run."""
+    if mode == "int8":
+        if groupsize is not None:
+            raise ValueError("int8 has one scale per output channel; groupsize applies to int4 only")
+        return {"mode": "int8"}
+    if mode == "int4":
+        groupsize = DEFAULT_INT4_GROUP_SIZE if groupsize is None else groupsize
+        if groupsize not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 groupsize must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                             f"got {groupsize} (any of them fits every shape: inputs are padded to the group)")
+        return {"mode": "int4", "groupsize": groupsize}
+    raise ValueError(f"unknown quantization mode {mode!r} (supported: {', '.join(QUANT_MODES)})")
+
+
+def scheme_name(scheme: Optional[dict]) -> str:
+    """A short label: "int8", "int4-g128", or "unquantized"."""
+    if scheme is None:
+        return "unquantized"
+    return "int8" if scheme["mode"] == "int8" else f"int4-g{scheme['groupsize']}"
+
 
 @dataclass
 class ModelArgs:
@@ -24,6 +51,8 @@ class ModelArgs:
     tokenizer: str = "sentencepiece"
     # Extra stop ids (e.g. from generation_config.json); the tokenizer adds its own eos ids.
     stop_token_ids: list = field(default_factory=list)
+    # Weight-only quantization of the Linear layers (see quantized.py), as written by quantization_scheme().
+    quantization: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.n_head % self.n_kv_heads:
@@ -32,6 +61,11 @@ class ModelArgs:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "linear", "default"):
                 raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
+        if self.quantization is not None:
+            extra = set(self.quantization) - {"mode", "groupsize"}
+            if extra:
+                raise ValueError(f"unknown quantization keys {sorted(extra)}")
+            self.quantization = quantization_scheme(self.quantization.get("mode"), self.quantization.get("groupsize"))
 
     @classmethod
     def load(cls, path: Path) -> "ModelArgs":
@@ -40,7 +74,7 @@ class ModelArgs:
             raise FileNotFoundError(f"model config not found: {path} (run `python -m gpt_fast.convert` first)")
         data = json.loads(path.read_text())
         known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known - {"quantization"}
+        unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -48,8 +82,19 @@ class ModelArgs:
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
-    def weight_bytes(self, bytes_per_param: float) -> float:
-        """Bytes read per decoded token (all matrices; the embedding row read is negligible)."""
+    def weight_bytes(self, dtype_bytes: float) -> float:
+        """Bytes read per decoded token (all matrices; the embedding row read is negligible).
+
+        dtype_bytes is the model dtype's size; quantized matrices count their own width plus their scales
+        (int4: a bf16 scale and zero per group; int8's one scale per row is negligible).
+        """
+        scheme = self.quantization or {}
+        if scheme.get("mode") == "int8":
+            bytes_per_param = 1.0
+        elif scheme.get("mode") == "int4":
+            bytes_per_param = 0.5 + 4 / scheme["groupsize"]
+        else:
+            bytes_per_param = dtype_bytes
         attn = self.dim * (self.n_head + 2 * self.n_kv_heads) * self.head_dim + self.n_head * self.head_dim * self.dim
         ffn = 3 * self.dim * self.intermediate_size
         out = self.dim * self.vocab_size

@@ -1,6 +1,7 @@
 """Benchmark batch-1 decode in process: tokens/s, time to first token, bandwidth achieved vs the machine's limit.
 
     python scripts/bench.py --shape stories110M --device cpu --dtype bfloat16 float32 --compile both
+    python scripts/bench.py --shape stories110M --dtype bfloat16 --quantize none int8 int4 --compile compiled
     python scripts/bench.py --checkpoint checkpoints/tiny --json bench_results/tiny.json
 
 Runs Hugging Face transformers eager on the same shape too (when installed) as the side-by-side reference.
@@ -16,9 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpt_fast.checkpoint import load_model  # noqa: E402
-from gpt_fast.config import NAMED_SHAPES, ModelArgs  # noqa: E402
+from gpt_fast.config import NAMED_SHAPES, ModelArgs, scheme_name  # noqa: E402
 from gpt_fast.engine import Engine  # noqa: E402
 from gpt_fast.model import Transformer  # noqa: E402
+from gpt_fast.quantized import quantize_model  # noqa: E402
 from gpt_fast.sampling import SamplingParams  # noqa: E402
 from gpt_fast.tokenizer import load_tokenizer  # noqa: E402
 
@@ -124,6 +126,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=sorted(DTYPES))
     ap.add_argument("--compile", choices=["eager", "compiled", "both"], default="both")
+    ap.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+                    help="weights: unquantized and/or quantized in memory at load (one row each)")
+    ap.add_argument("--groupsize", type=int, default=128, help="int4 group size")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
@@ -135,37 +140,43 @@ def main() -> None:
     rows = []
     for dtype_name in a.dtype:
         dtype = DTYPES[dtype_name]
-        if a.checkpoint:
-            model = load_model(a.checkpoint, device=device, dtype=dtype)
-            tokenizer = load_tokenizer(Path(a.checkpoint), model.args.tokenizer, model.args.stop_token_ids)
-        else:
-            model = random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device, dtype)
-            tokenizer = NoTextTokenizer()
-        bytes_per_token = model.args.weight_bytes(torch.finfo(dtype).bits / 8)
-        runners = [(f"gpt-fast-serve {'compiled' if c else 'eager'}",
-                    lambda c=c: bench_engine(model, tokenizer, a.prompt_len, a.new_tokens, c, device))
-                   for c in modes]
-        if not a.no_hf and a.shape:
-            try:
-                import transformers  # noqa: F401
-                runners.append(("transformers eager",
-                                lambda: bench_hf(model.args, a.prompt_len, a.new_tokens, device, dtype)))
-            except ImportError:
-                pass
-        for name, run in runners:
-            r = run()
-            r.update(runner=name, dtype=dtype_name, bandwidth_gbs=bytes_per_token * r["tokens_per_s"] / 1e9)
-            r["of_limit"] = r["bandwidth_gbs"] * 1e9 / limit
-            rows.append(r)
-            print(f"  {name:28s} {dtype_name:9s} {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
-        del model
+        for quant in a.quantize:
+            if a.checkpoint:
+                model = load_model(a.checkpoint, device=device, dtype=dtype)
+                tokenizer = load_tokenizer(Path(a.checkpoint), model.args.tokenizer, model.args.stop_token_ids)
+            else:
+                model = random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device, dtype)
+                tokenizer = NoTextTokenizer()
+            if quant != "none":
+                quantize_model(model, quant, a.groupsize if quant == "int4" else None)
+            weights = scheme_name(model.args.quantization)
+            bytes_per_token = model.args.weight_bytes(torch.finfo(dtype).bits / 8)
+            runners = [(f"gpt-fast-serve {'compiled' if c else 'eager'}",
+                        lambda c=c: bench_engine(model, tokenizer, a.prompt_len, a.new_tokens, c, device))
+                       for c in modes]
+            if not a.no_hf and a.shape and quant == "none":
+                try:
+                    import transformers  # noqa: F401
+                    runners.append(("transformers eager",
+                                    lambda: bench_hf(model.args, a.prompt_len, a.new_tokens, device, dtype)))
+                except ImportError:
+                    pass
+            for name, run in runners:
+                r = run()
+                r.update(runner=name, dtype=dtype_name, weights=weights,
+                         bandwidth_gbs=bytes_per_token * r["tokens_per_s"] / 1e9)
+                r["of_limit"] = r["bandwidth_gbs"] * 1e9 / limit
+                rows.append(r)
+                print(f"  {name:28s} {dtype_name:9s} {weights:11s} {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
+            del model
     print(f"\n{a.shape or a.checkpoint} on {device} ({platform.processor() or platform.machine()}), torch "
           f"{torch.__version__}, batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens; "
           f"read bandwidth limit {limit / 1e9:.1f} GB/s")
-    print(f"| {'runner':28s} | dtype    | tok/s  | TTFT ms | GB/s  | of limit | compile s |")
-    print("|" + "|".join("-" * w for w in (30, 10, 8, 9, 7, 10, 11)) + "|")
+    print(f"| {'runner':28s} | dtype    | weights     | tok/s  | TTFT ms | GB/s  | of limit | compile s |")
+    print("|" + "|".join("-" * w for w in (30, 10, 13, 8, 9, 7, 10, 11)) + "|")
     for r in rows:
-        print(f"| {r['runner']:28s} | {r['dtype']:8s} | {r['tokens_per_s']:6.1f} | {r['ttft_s'] * 1e3:7.1f} | "
+        print(f"| {r['runner']:28s} | {r['dtype']:8s} | {r['weights']:11s} | {r['tokens_per_s']:6.1f} | "
+              f"{r['ttft_s'] * 1e3:7.1f} | "
               f"{r['bandwidth_gbs']:5.1f} | {r['of_limit']:8.0%} | {r['compile_s']:9.1f} |")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"model": str(a.shape or a.checkpoint), "device": str(device),

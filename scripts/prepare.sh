@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
-# Make a servable checkpoint: scripts/prepare.sh REPO_ID_OR_LOCAL_DIR
+# Make a servable checkpoint: scripts/prepare.sh REPO_ID_OR_LOCAL_DIR [--quantize int8|int4 [--groupsize N]]
 #   meta-llama/Llama-3.1-8B-Instruct -> downloads into checkpoints/Llama-3.1-8B-Instruct/hf/, converts into
 #   checkpoints/Llama-3.1-8B-Instruct/. A local Hugging Face directory is converted in place of the download.
+#   --quantize also writes a quantized copy beside it: checkpoints/Llama-3.1-8B-Instruct-int8/ (or -int4-g128/).
 set -euo pipefail
 
+usage="usage: $0 REPO_ID_OR_LOCAL_DIR [--quantize int8|int4 [--groupsize 32|64|128|256]]"
 if [[ $# -lt 1 ]]; then
-    echo "usage: $0 REPO_ID_OR_LOCAL_DIR" >&2
+    echo "$usage" >&2
     exit 2
 fi
 src=$1
 shift
-if [[ $# -gt 0 ]]; then  # options (e.g. --quantize) go here
-    echo "unknown option: $1" >&2
-    exit 2
-fi
+mode=""
+groupsize=""
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --quantize|--groupsize)
+            [[ $# -ge 2 ]] || { echo "$1 needs a value" >&2; echo "$usage" >&2; exit 2; }
+            if [[ $1 == --quantize ]]; then mode=$2; else groupsize=$2; fi
+            shift 2 ;;
+        *) echo "unknown option: $1" >&2; echo "$usage" >&2; exit 2 ;;
+    esac
+done
+# Check the options before the download and conversion, not after.
+case $mode/$groupsize in
+    /) ;;
+    int8/) ;;
+    int4/|int4/32|int4/64|int4/128|int4/256) ;;
+    *) echo "bad quantization: --quantize '$mode' --groupsize '$groupsize'" >&2; echo "$usage" >&2; exit 2 ;;
+esac
 
 if [[ -d $src ]]; then
     hf_dir=$(cd "$src" && pwd)
@@ -33,3 +49,6 @@ if [[ -z $hf_dir ]]; then
 fi
 python -m gpt_fast.convert "$hf_dir" "$out"
 echo "ready: $out"
+if [[ -n $mode ]]; then
+    python -m gpt_fast.quantize "$out" --mode "$mode" ${groupsize:+--groupsize "$groupsize"}
+fi

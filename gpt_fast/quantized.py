@@ -1,0 +1,220 @@
+"""Weight-only quantized Linear layers (int8, grouped int4) and the pass that swaps them into a Transformer.
+
+At batch 1, decode reads every weight once per token, so tokens/s is bounded by bandwidth / bytes of weights:
+int8 halves those bytes and int4 quarters them. Activations stay in the model dtype, except inside int4 matmuls,
+which run in bf16 on both devices.
+
+Kernels: int8 uses aten._weight_int8pack_mm on CPU in bf16 and dequantize+matmul otherwise (gpt-fast's form,
+fused by inductor); int4 uses _weight_int4pack_mm (CUDA tinygemm) or _weight_int4pack_mm_for_cpu.
+
+Every nn.Linear is quantized: the attention and MLP projections and the output layer (the largest matrix of a
+128k-vocabulary model). The embedding stays in the model dtype: a token reads one row of it, not the matrix.
+With tied embeddings the output layer gets its own quantized copy and the embedding keeps the original.
+
+int4 weights are stored device-neutral (two 4-bit codes per byte, row-major, the even column in the high
+nibble: the layout CUDA's packing op takes) and packed for the device's kernel by pack_for_device().
+"""
+import sys
+from dataclasses import replace
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import quantization_scheme
+from .model import Transformer
+
+INT8_PAD_IN = 16  # the CPU int8 kernel in bf16 reads K in blocks of 16: other K read past the end (torch 2.13)
+INT4_PAD_OUT = 16  # the CPU int4 kernel needs N % 16 == 0, tinygemm (CUDA) N % 8 == 0
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _nonzero(scales: Tensor) -> Tensor:
+    # An all-zero row or group would divide by 0; any scale reproduces its zeros.
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def _flat_padded(x: Tensor, size: int) -> Tensor:
+    """x [..., k] as [M, size], zero-padded: padded weight columns then add nothing."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+
+
+def _int4_op(name: str) -> Callable:
+    op = getattr(torch.ops.aten, name, None)
+    if op is None:
+        raise RuntimeError(f"int4 needs torch.ops.aten.{name}, which torch {torch.__version__} does not have "
+                           "(CPU needs torch >= 2.6, CUDA torch >= 2.5); use int8 or upgrade torch")
+    return op
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    """Symmetric int8 weights with one scale per output channel, in the model dtype.
+
+    `weight` is [out, in_padded] with in_features padded to a multiple of 16 by zero columns.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.padded_in = _round_up(in_features, INT8_PAD_IN)
+        self.register_buffer("weight", torch.empty(out_features, self.padded_in, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "WeightOnlyInt8Linear":
+        module = cls(linear.in_features, linear.out_features, device="meta")
+        w = F.pad(linear.weight.detach().float(), (0, module.padded_in - linear.in_features))
+        # Round the scales to the model dtype first, so the codes are computed against the scales actually used.
+        scales = _nonzero((w.abs().amax(dim=1) / 127).to(linear.weight.dtype))
+        module.weight = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        module.scales = scales
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = _flat_padded(x, self.padded_in)
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            # The CPU kernel reads int8 directly. Compiled in bf16, inductor lowers the form below to it anyway;
+            # called directly it is fast in eager too. In fp32 it is 3x slower than the form below at batch 1 and
+            # 20x at prefill (measurements in BENCHMARKS.md).
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:
+            # gpt-fast's form: inductor fuses the conversion and the scaling into the matmul.
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class WeightOnlyInt4Linear(nn.Module):
+    """Asymmetric grouped int4: w = (code - 8) * scale + zero per group of `groupsize` input features.
+
+    in_features is padded to a multiple of groupsize (inputs are zero-padded to match), out_features to a
+    multiple of 16 when packing; outputs are sliced back. `weight` is [out, in_padded / 2] uint8 code pairs and
+    `scales_and_zeros` [in_padded / groupsize, out, 2] in the model dtype; packed, they are bf16 like the matmul.
+    """
+
+    def __init__(self, in_features: int, out_features: int, groupsize: int, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.padded_in = _round_up(in_features, groupsize)
+        self.register_buffer("weight", torch.empty(out_features, self.padded_in // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(self.padded_in // groupsize, out_features, 2,
+                                                             dtype=dtype, device=device))
+        self.packed_for = None  # the device type whose kernel layout the packed buffers are in
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, groupsize: int) -> "WeightOnlyInt4Linear":
+        module = cls(linear.in_features, linear.out_features, groupsize, device="meta")
+        n, dtype = linear.out_features, linear.weight.dtype
+        w = F.pad(linear.weight.detach().float(), (0, module.padded_in - linear.in_features))
+        w = w.view(n, -1, groupsize)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scales = _nonzero(((hi - lo) / 15).to(dtype))
+        zeros = (lo + 8 * scales.float()).to(dtype)  # the value of the middle code 8
+        codes = ((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).round().clamp(0, 15)
+        codes = codes.to(torch.uint8).view(n, -1)
+        module.weight = codes[:, ::2] << 4 | codes[:, 1::2]
+        module.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        return module
+
+    def pack(self) -> None:
+        """Convert the neutral buffers (on their device, in the model dtype) into that device's kernel layout.
+
+        The packed buffers are not persistent: a packed model's state_dict has no int4 weights, so a
+        device-specific layout can never be saved as if it were the neutral one.
+        """
+        device = self.weight.device
+        pad = _round_up(self.out_features, INT4_PAD_OUT) - self.out_features
+        pairs = F.pad(self.weight, (0, 0, 0, pad))
+        scales_and_zeros = F.pad(self.scales_and_zeros, (0, 0, 0, pad))
+        if device.type == "cuda":
+            # tinygemm: k must be a multiple of inner_k_tiles * 16; padded_in is a multiple of 32 at least.
+            inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in % (t * 16) == 0)
+            packed = _int4_op("_convert_weight_to_int4pack")(pairs.contiguous(), inner_k_tiles)
+        elif device.type == "cpu":
+            codes = torch.stack([pairs >> 4, pairs & 15], dim=-1).view(pairs.shape[0], -1).to(torch.int32)
+            packed = _int4_op("_convert_weight_to_int4pack_for_cpu")(codes, 1)  # inner_k_tiles unused on CPU
+        else:
+            raise RuntimeError(f"int4 runs on cpu and cuda, not {device.type}; use int8")
+        del self.weight, self.scales_and_zeros
+        self.register_buffer("packed_weight", packed, persistent=False)
+        self.register_buffer("packed_scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous(),
+                             persistent=False)
+        self.packed_for = device.type
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed_for != x.device.type:
+            raise RuntimeError(f"int4 weights packed for {self.packed_for}, input on {x.device.type}: move the "
+                               "model before quantizing or loading it (pack_for_device runs last)")
+        # bf16 on both devices: tinygemm takes nothing else (and a contiguous input); the CPU kernel is 25x
+        # slower in fp32.
+        x2 = _flat_padded(x, self.padded_in).to(torch.bfloat16).contiguous()
+        if self.packed_for == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed_weight, self.groupsize,
+                                                   self.packed_scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed_weight, self.groupsize,
+                                                           self.packed_scales_and_zeros)
+        return y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _replace_linears(model: Transformer, make: Callable[[nn.Linear], nn.Module], progress: bool = False) -> None:
+    def walk(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, make(child))
+            else:
+                walk(child)
+
+    for i, layer in enumerate(model.layers):
+        walk(layer)
+        if progress:
+            print(f"quantized layer {i + 1}/{len(model.layers)}", file=sys.stderr, flush=True)
+    model.output = make(model.output)
+
+
+def empty_quantized_linears(model: Transformer, scheme: dict) -> None:
+    """Swap every Linear for an uninitialized quantized one of the same shape (for loading on meta)."""
+    def make(linear: nn.Linear) -> nn.Module:
+        dtype = linear.weight.dtype
+        if scheme["mode"] == "int8":
+            return WeightOnlyInt8Linear(linear.in_features, linear.out_features, dtype, linear.weight.device)
+        return WeightOnlyInt4Linear(linear.in_features, linear.out_features, scheme["groupsize"], dtype,
+                                    linear.weight.device)
+
+    _replace_linears(model, make)
+
+
+def pack_for_device(model: nn.Module) -> None:
+    """Pack int4 weights for the device they are on (call after the model's last .to())."""
+    for module in model.modules():
+        if isinstance(module, WeightOnlyInt4Linear) and module.packed_for is None:
+            module.pack()
+
+
+def quantize_model(model: Transformer, mode: str, groupsize: Optional[int] = None, pack: bool = True,
+                   progress: bool = False) -> Transformer:
+    """Quantize every Linear of `model` in place, on its device; records the scheme in model.args.
+
+    pack=False keeps int4 weights in the neutral layout (for saving); loading packs them.
+    """
+    if model.args.quantization:
+        raise ValueError(f"model is already quantized ({model.args.quantization}); start from the unquantized one")
+    scheme = quantization_scheme(mode, groupsize)
+    if scheme["mode"] == "int8":
+        make = WeightOnlyInt8Linear.from_linear
+    else:
+        make = lambda linear: WeightOnlyInt4Linear.from_linear(linear, scheme["groupsize"])  # noqa: E731
+    with torch.no_grad():
+        _replace_linears(model, make, progress)
+    model.args = replace(model.args, quantization=scheme)
+    if pack:
+        pack_for_device(model)
+    return model
