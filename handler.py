@@ -15,7 +15,9 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
 from gpt_fast.checkpoint import load_model, resolve_checkpoint
+from gpt_fast.config import scheme_name
 from gpt_fast.engine import Engine, default_max_seq_len
+from gpt_fast.quantized import quantize_model
 from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, REQUESTS_FINISHED,
                               TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, ServingLoop)
 from gpt_fast.tokenizer import load_tokenizer
@@ -40,10 +42,12 @@ class GptFastHandler:
         checkpoint = resolve_checkpoint(config.checkpoint_path(props["model_dir"]))
         start = time.perf_counter()
         model = load_model(checkpoint, device, config.torch_dtype())
+        if config.quantize:
+            quantize_model(model, config.quantize, config.groupsize)
         tokenizer = load_tokenizer(checkpoint.parent, model.args.tokenizer, model.args.stop_token_ids)
         loaded = time.perf_counter()
-        logger.info("loaded %s on %s as %s in %.1f s", checkpoint, device, model.tok_embeddings.weight.dtype,
-                    loaded - start)
+        logger.info("loaded %s on %s as %s (%s) in %.1f s", checkpoint, device, model.tok_embeddings.weight.dtype,
+                    scheme_name(model.args.quantization), loaded - start)
         max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
         engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile)
         self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))

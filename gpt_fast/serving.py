@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from .config import quantization_scheme
 from .engine import Engine, PromptTooLongError
 from .request import StepOutput
 from .sampling import InvalidParam, SamplingParams
@@ -50,6 +51,10 @@ class HandlerConfig:
     top_k: int = 0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    # Quantize a bf16/fp32 checkpoint's weights at load time: int8 | int4 (groupsize 32/64/128/256, default 128).
+    # A checkpoint quantized ahead with `python -m gpt_fast.quantize` needs neither (its config.json says so).
+    quantize: Optional[str] = None
+    groupsize: Optional[int] = None
     # Speculative decoding (accepted now, used by the speculative engine).
     draft_checkpoint: Optional[str] = None
     speculate_k: int = 0
@@ -83,6 +88,13 @@ class HandlerConfig:
             raise ValueError(f"handler.max_batch_size: {self.max_batch_size} is not >= 1")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"handler.max_seq_len: {self.max_seq_len} is not >= 2")
+        if self.quantize is not None:
+            try:
+                quantization_scheme(self.quantize, self.groupsize)
+            except ValueError as e:
+                raise ValueError(f"handler.quantize: {e}") from None
+        elif self.groupsize is not None:
+            raise ValueError("handler.groupsize: only used with quantize: int4")
         if self.speculate_k < 0:
             raise ValueError(f"handler.speculate_k: {self.speculate_k} is not >= 0")
         try:
@@ -114,7 +126,8 @@ class HandlerConfig:
 # Types of the HandlerConfig fields that are not strings.
 _CONFIG_TYPES = {"compile": bool, "max_batch_size": int, "max_seq_len": (int, type(None)), "max_new_tokens": int,
                  "top_k": int, "speculate_k": int, "temperature": float, "top_p": float, "stop": tuple,
-                 "draft_checkpoint": (str, type(None))}
+                 "draft_checkpoint": (str, type(None)), "quantize": (str, type(None)),
+                 "groupsize": (int, type(None))}
 
 
 def _is_type(value: Any, kind: Union[type, tuple]) -> bool:

@@ -23,11 +23,15 @@ def test_handler_config_defaults_and_errors():
     assert str(config.checkpoint_path("/models/x")) == "/models/x/checkpoint"
     assert str(HandlerConfig.from_dict({"checkpoint": "/ckpt"}, 1).checkpoint_path("/models/x")) == "/ckpt"
     for bad in ({"max_seq_lne": 8}, {"compile": "yes"}, {"max_seq_len": True}, {"dtype": "int8"},
-                {"device": "tpu"}, {"top_p": 0}, {"temperature": float("nan")}, {"max_batch_size": 0}):
+                {"device": "tpu"}, {"top_p": 0}, {"temperature": float("nan")}, {"max_batch_size": 0},
+                {"quantize": "int3"}, {"quantize": "int4", "groupsize": 48}, {"quantize": "int8", "groupsize": 32},
+                {"groupsize": 64}):
         with pytest.raises(ValueError):
             HandlerConfig.from_dict(bad, 8)
     with pytest.raises(ValueError, match="unknown keys"):
         HandlerConfig.from_dict({"max_seq_lne": 8}, 8)
+    quantized = HandlerConfig.from_dict({"quantize": "int4", "groupsize": 64}, 8)
+    assert (quantized.quantize, quantized.groupsize) == ("int4", 64)
 
 
 def test_device_follows_the_gpu_torchserve_assigns():
