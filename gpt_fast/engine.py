@@ -18,6 +18,9 @@ from .sampling import SamplingParams, greedy_sample, sample
 from .tokenizer import Tokenizer
 
 PREFILL_BUCKETS = (16, 64, 256, 1024)
+# Decode attends to a cache prefix of one of these lengths (doubling from 256 up to max_seq_len), so a short
+# sequence does not read the whole static cache every step.
+MIN_KV_BUCKET = 256
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
@@ -43,6 +46,13 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
+def kv_buckets(max_seq_len: int) -> list[int]:
+    sizes = []
+    while (MIN_KV_BUCKET << len(sizes)) < max_seq_len:
+        sizes.append(MIN_KV_BUCKET << len(sizes))
+    return sizes + [max_seq_len]
+
+
 def prefill_buckets(max_seq_len: int) -> list[int]:
     return [b for b in PREFILL_BUCKETS if b < max_seq_len] + [min(max_seq_len, PREFILL_BUCKETS[-1])]
 
@@ -62,6 +72,7 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         model.setup_caches(max_batch_size, max_seq_len)
         self.decode_buckets = batch_buckets(max_batch_size)
+        self.kv_buckets = kv_buckets(max_seq_len)
         self.prefill_buckets = prefill_buckets(max_seq_len)
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[i].slot == i
@@ -70,11 +81,12 @@ class Engine:
         if compile:
             self._compile()
 
-    def _decode_logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        return self.model(tokens, positions)[:, 0]
+    def _decode_logits(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+        return self.model(tokens, positions, kv_len=kv_len)[:, 0]
 
     def _compile(self) -> None:
-        # Every bucket is its own static graph; allow them all without hitting dynamo's recompile limit.
+        # Every bucket (batch x cache length for decode, prompt length for prefill) is its own static graph;
+        # allow them all without hitting dynamo's recompile limit.
         torch._dynamo.config.cache_size_limit = 64
         torch._dynamo.config.accumulated_cache_size_limit = 512
         cuda = self.device.type == "cuda"
@@ -142,8 +154,9 @@ class Engine:
         runs = 2 if self.device.type == "cuda" else 1
         for batch in self.decode_buckets:
             tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-            for _ in range(runs):
-                self._decode(tokens, torch.full_like(tokens, -1))
+            for kv_len in self.kv_buckets:
+                for _ in range(runs):
+                    self._decode(tokens, torch.full_like(tokens, -1), kv_len)
         for length in self.prefill_buckets:
             tokens = torch.zeros(1, length, dtype=torch.long, device=self.device)
             # Distinct slot and logit_index tensors, as real calls pass: dynamo guards on aliasing.
@@ -156,7 +169,8 @@ class Engine:
         batch = _bucket(self.decode_buckets, n)
         tokens = [r.generated[-1] for r in reqs] + [0] * (batch - n)
         positions = [r.num_tokens - 1 for r in reqs] + [-1] * (batch - n)
-        logits = self._decode(self._tensor(tokens)[:, None], self._tensor(positions)[:, None])
+        kv_len = _bucket(self.kv_buckets, max(positions) + 1)
+        logits = self._decode(self._tensor(tokens)[:, None], self._tensor(positions)[:, None], kv_len)
         next_ids = self._pick(reqs, logits)
         return [r.append([t], self.max_seq_len) for r, t in zip(reqs, next_ids)]
 

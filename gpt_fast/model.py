@@ -89,12 +89,14 @@ class Attention(nn.Module):
         q = (q.float() * cos + rotate_half(q.float()) * sin).type_as(x)
         k = (k.float() * cos + rotate_half(k.float()) * sin).type_as(x)
         cache = self.kv_cache
+        n_keys = mask.shape[-1]  # read only the cache prefix the mask covers
         if slots is None:  # decode: rows are slots 0..B-1, read in place without a copy
             cache.update(torch.arange(bsz, device=x.device), write_pos, k, v)
-            keys, values = cache.k_cache[:bsz], cache.v_cache[:bsz]
+            keys, values = cache.k_cache[:bsz, :, :n_keys], cache.v_cache[:bsz, :, :n_keys]
         else:
             cache.update(slots, write_pos, k, v)
-            keys, values = cache.k_cache.index_select(0, slots), cache.v_cache.index_select(0, slots)
+            keys = cache.k_cache[:, :, :n_keys].index_select(0, slots)
+            values = cache.v_cache[:, :, :n_keys].index_select(0, slots)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                            enable_gqa=self.n_head != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
@@ -155,8 +157,10 @@ class Transformer(nn.Module):
                              persistent=False)
 
     def forward(self, tokens: Tensor, positions: Tensor, slots: Optional[Tensor] = None,
-                logit_index: Optional[Tensor] = None) -> Tensor:
+                logit_index: Optional[Tensor] = None, kv_len: Optional[int] = None) -> Tensor:
         """tokens, positions: [B, T] (position -1 marks padding). slots: [B] cache rows, or None for rows 0..B-1.
+        kv_len: attend to cache positions 0..kv_len-1 only (all positions in the batch must be below it);
+        None reads the whole cache.
 
         Returns fp32 logits [B, T, V], or [B, V] for the token at `logit_index[b]` of each row.
         """
@@ -165,7 +169,7 @@ class Transformer(nn.Module):
         cos = self.rope_cos[pos].unsqueeze(2)
         sin = self.rope_sin[pos].unsqueeze(2)
         # A token sees every key at a position <= its own in its row's slot (never the scratch column).
-        mask = (self.key_positions <= pos.unsqueeze(-1)).unsqueeze(1)
+        mask = (self.key_positions[:kv_len] <= pos.unsqueeze(-1)).unsqueeze(1)
         write_pos = torch.where(valid, positions, self.max_seq_len)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:

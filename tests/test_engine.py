@@ -49,6 +49,16 @@ def test_greedy_matches_full_recompute(model, tokenizer):
     assert out.finish_reason == "length" and out.prompt_tokens == len(prompt)
 
 
+def test_decode_crosses_cache_length_buckets(model, tokenizer):
+    engine = make_engine(model, tokenizer, max_seq_len=600)
+    assert engine.kv_buckets == [256, 512, 600]
+    prompt = tokenizer.encode(" ".join(PROMPTS * 8))[:240]
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=30))[0]
+    model.setup_caches(1, 600)
+    logits = model(torch.tensor([prompt + out.tokens]), torch.arange(len(prompt) + 30)[None], torch.tensor([0]))
+    assert out.tokens == logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+
+
 def test_batched_equals_solo_and_slots_are_reused(model, tokenizer):
     prompts = [tokenizer.encode(p) for p in PROMPTS * 2]  # 8 prompts through 4 slots
     params = [SamplingParams(max_new_tokens=n) for n in (5, 30, 12, 20, 7, 3, 25, 16)]
