@@ -85,17 +85,23 @@ class Engine:
         return self.model(tokens, positions, kv_len=kv_len)[:, 0]
 
     def _compile(self) -> None:
-        # Every bucket (batch x cache length for decode, prompt length for prefill) is its own static graph;
-        # allow them all without hitting dynamo's recompile limit.
-        torch._dynamo.config.cache_size_limit = 64
-        torch._dynamo.config.accumulated_cache_size_limit = 512
         cuda = self.device.type == "cuda"
-        if cuda:
-            torch._inductor.config.coordinate_descent_tuning = True
-        self._decode = torch.compile(self._decode_logits, mode="reduce-overhead" if cuda else None,
-                                     fullgraph=True, dynamic=False)
+        # Every bucket (batch x cache length for decode, prompt length for prefill) is its own static graph:
+        # allow them all. torch's compiler settings are per thread, so they travel with each call (the
+        # handler compiles and steps on its own engine thread).
+        dynamo = {"recompile_limit": 64, "accumulated_recompile_limit": 512}
+        inductor = {"coordinate_descent_tuning": True} if cuda else {}
+
+        def with_settings(fn):
+            def call(*args):
+                with torch._dynamo.config.patch(**dynamo), torch._inductor.config.patch(**inductor):
+                    return fn(*args)
+            return call
+
+        self._decode = with_settings(torch.compile(self._decode_logits, mode="reduce-overhead" if cuda else None,
+                                                   fullgraph=True, dynamic=False))
         # Sampling stays eager: a handful of small kernels, not worth a compile per batch bucket.
-        self._prefill_logits = torch.compile(self.model, fullgraph=True, dynamic=False)
+        self._prefill_logits = with_settings(torch.compile(self.model, fullgraph=True, dynamic=False))
 
     @property
     def num_active(self) -> int:
