@@ -11,6 +11,7 @@ import time
 from http import HTTPStatus
 from typing import Any, Callable, Optional
 
+import torch
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
@@ -46,8 +47,9 @@ class GptFastHandler:
             quantize_model(model, config.quantize, config.groupsize)
         tokenizer = load_tokenizer(checkpoint.parent, model.args.tokenizer, model.args.stop_token_ids)
         loaded = time.perf_counter()
-        logger.info("loaded %s on %s as %s (%s) in %.1f s", checkpoint, device, model.tok_embeddings.weight.dtype,
-                    scheme_name(model.args.quantization), loaded - start)
+        logger.info("loaded %s on %s as %s (%s) in %.1f s, %d CPU threads", checkpoint, device,
+                    model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization), loaded - start,
+                    torch.get_num_threads())
         max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
         engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile)
         self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))
