@@ -237,6 +237,7 @@ class _Tracked:
     stream: bool
     arrived: float
     first_token_at: Optional[float] = None
+    completion_tokens: int = 0
     text: list[str] = field(default_factory=list)  # accumulated for stream: false
 
 
@@ -284,9 +285,6 @@ class ServingLoop:
         for rid in [rid for rid in self.tracked if rid not in present]:
             self._cancel(rid)  # the frontend dropped it: the client went away
         replies = {out.request_id: self._reply(out, done) for out in outputs if out.request_id in self.tracked}
-        generated = sum(len(out.token_ids) for out in outputs)
-        if generated:
-            self.emit(GENERATED_TOKENS, generated)
         now = time.perf_counter()
         for rid, body in batch:
             if rid not in self.tracked and rid not in replies:
@@ -347,9 +345,9 @@ class ServingLoop:
         if out.token_ids and tracked.first_token_at is None:
             tracked.first_token_at = done
             self.emit(TIME_TO_FIRST_TOKEN, done - tracked.arrived)
+        tracked.completion_tokens = out.completion_tokens
         if out.finished:
-            del self.tracked[out.request_id]
-            self.emit(REQUESTS_FINISHED, 1, reason=out.finish_reason)
+            self._finish(out.request_id, out.finish_reason)
             if out.completion_tokens > 1:
                 self.emit(INTER_TOKEN_LATENCY, (done - tracked.first_token_at) / (out.completion_tokens - 1))
         if tracked.stream:
@@ -364,5 +362,10 @@ class ServingLoop:
 
     def _cancel(self, rid: str) -> None:
         self.engine.cancel(rid)
-        del self.tracked[rid]
-        self.emit(REQUESTS_FINISHED, 1, reason="cancelled")
+        self._finish(rid, "cancelled")
+
+    def _finish(self, rid: str, reason: str) -> None:
+        # Counted per request, not per step: TorchServe logs and parses every metric line the worker prints,
+        # which costs the frontend CPU time the decode step would otherwise have.
+        self.emit(GENERATED_TOKENS, self.tracked.pop(rid).completion_tokens)
+        self.emit(REQUESTS_FINISHED, 1, reason=reason)
