@@ -19,6 +19,10 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     return path
 
 
+# The dtype names the CLI, the bench and the handler config accept.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -15,10 +15,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import default_device, load_model, resolve_checkpoint
+from .checkpoint import DTYPES, default_device, load_model, resolve_checkpoint
 from .config import QUANT_MODES, scheme_name
 from .engine import default_max_seq_len
-from .generate import DTYPES
 from .model import Transformer
 from .quantized import quantize_model
 from .tokenizer import load_tokenizer

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import default_device, load_model, resolve_checkpoint
+from .checkpoint import DTYPES, default_device, load_model, resolve_checkpoint
 from .engine import Engine, default_max_seq_len
 from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> None:

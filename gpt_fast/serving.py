@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from .checkpoint import DTYPES
 from .config import quantization_scheme
 from .engine import Engine, PromptTooLongError
 from .request import StepOutput
@@ -26,7 +27,6 @@ TEXT = "text/plain; charset=utf-8"
 # Steps the decode thread runs ahead of a frontend that has not come back for the results.
 MAX_STEPS_PER_CALL = 64
 MAX_STOP_STRINGS = 16  # each is checked against every text delta, so a long list slows the whole batch
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Metric names as they appear on the Prometheus endpoint (listed in scripts/metrics.yaml).
 TIME_TO_FIRST_TOKEN = "gpt_fast_time_to_first_token_seconds"

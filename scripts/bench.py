@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpt_fast.checkpoint import load_model  # noqa: E402
+from gpt_fast.checkpoint import DTYPES, load_model  # noqa: E402
 from gpt_fast.config import NAMED_SHAPES, ModelArgs, scheme_name  # noqa: E402
 from gpt_fast.engine import Engine  # noqa: E402
 from gpt_fast.model import Transformer  # noqa: E402
@@ -24,7 +24,6 @@ from gpt_fast.quantized import quantize_model  # noqa: E402
 from gpt_fast.sampling import SamplingParams  # noqa: E402
 from gpt_fast.tokenizer import load_tokenizer  # noqa: E402
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 class NoTextTokenizer:
