@@ -144,12 +144,8 @@ def _type_name(kind: Union[type, tuple]) -> str:
     return " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
-class RequestError(ValueError):
+class RequestError(InvalidParam):
     """A bad request: HTTP 400 with {"error": message, "field": field} for that request alone."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
     def to_json(self) -> bytes:
         return json.dumps({"error": self.message, "field": self.field}).encode()
