@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -18,9 +19,10 @@ from ts.metrics.metric_type_enum import MetricTypes
 from gpt_fast.checkpoint import load_model, resolve_checkpoint
 from gpt_fast.config import scheme_name
 from gpt_fast.engine import Engine, default_max_seq_len
+from gpt_fast.model import Transformer
 from gpt_fast.quantized import quantize_model
-from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, REQUESTS_FINISHED,
-                              TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, ServingLoop)
+from gpt_fast.serving import (ACCEPTANCE_RATE, ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY,
+                              REQUESTS_FINISHED, TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, ServingLoop)
 from gpt_fast.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 METRICS = {
     TIME_TO_FIRST_TOKEN: (MetricTypes.HISTOGRAM, "s", []),
     INTER_TOKEN_LATENCY: (MetricTypes.HISTOGRAM, "s", []),
+    ACCEPTANCE_RATE: (MetricTypes.HISTOGRAM, "ratio", []),
     GENERATED_TOKENS: (MetricTypes.COUNTER, "count", []),
     REQUESTS_FINISHED: (MetricTypes.COUNTER, "count", ["Reason"]),
     ACTIVE_SLOTS: (MetricTypes.GAUGE, "count", []),
@@ -42,16 +45,18 @@ class GptFastHandler:
         device = config.torch_device(props.get("gpu_id"))
         checkpoint = resolve_checkpoint(config.checkpoint_path(props["model_dir"]))
         start = time.perf_counter()
-        model = load_model(checkpoint, device, config.torch_dtype())
-        if config.quantize:
-            quantize_model(model, config.quantize, config.groupsize)
+        model = _load(checkpoint, device, config.torch_dtype(), config.quantize, config.groupsize)
         tokenizer = load_tokenizer(checkpoint.parent, model.args.tokenizer, model.args.stop_token_ids)
+        draft = None
+        if config.speculate == "draft":
+            draft = _load(resolve_checkpoint(config.draft_checkpoint_path(props["model_dir"])), device,
+                          config.torch_dtype(), config.draft_quantize, None)
         loaded = time.perf_counter()
-        logger.info("loaded %s on %s as %s (%s) in %.1f s, %d CPU threads", checkpoint, device,
-                    model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization), loaded - start,
-                    torch.get_num_threads())
+        logger.info("loaded %s on %s in %.1f s, %d CPU threads; speculation: %s", checkpoint, device, loaded - start,
+                    torch.get_num_threads(), config.speculate or "off")
         max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
-        engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile)
+        engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile,
+                        speculate=config.speculate, speculate_k=config.speculate_k, draft_model=draft)
         self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))
         self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
         logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s", config.compile,
@@ -66,6 +71,15 @@ class GptFastHandler:
                 ctx.set_response_content_type(i, reply.content_type)
         ctx.stopping_criteria = [_criterion(reply) for reply in replies]
         return [reply.body for reply in replies]
+
+
+def _load(checkpoint: Path, device: torch.device, dtype: Optional[torch.dtype], quantize: Optional[str],
+          groupsize: Optional[int]) -> Transformer:
+    model = load_model(checkpoint, device, dtype)
+    if quantize:
+        quantize_model(model, quantize, groupsize)
+    logger.info("%s: %s, %s", checkpoint, model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization))
+    return model
 
 
 def _body(item: dict) -> Any:

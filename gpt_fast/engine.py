@@ -38,6 +38,7 @@ class Completion:
     text: str
     finish_reason: str
     prompt_tokens: int
+    draft_passes: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
 
@@ -128,7 +129,8 @@ class Engine:
                 done[out.request_id].append(out)
         return [Completion(tokens=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
                            finish_reason=outs[-1].finish_reason, prompt_tokens=outs[-1].prompt_tokens,
-                           draft_tokens=outs[-1].draft_tokens, accepted_tokens=outs[-1].accepted_tokens)
+                           draft_passes=outs[-1].draft_passes, draft_tokens=outs[-1].draft_tokens,
+                           accepted_tokens=outs[-1].accepted_tokens)
                 for outs in done.values()]
 
     def warmup(self) -> None:

@@ -1,5 +1,5 @@
 """One generation request's state on the host: tokens so far, text deltas, stop conditions."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 from .detokenizer import IncrementalDetokenizer
@@ -20,14 +20,14 @@ class StepOutput:
     finish_reason: Optional[str]  # "stop" | "length" | None while running
     prompt_tokens: int
     completion_tokens: int
-    draft_tokens: int = 0  # speculation so far: tokens drafted, and how many of them the target accepted
+    # Speculation so far: verify passes, tokens drafted, and how many of them the target accepted.
+    draft_passes: int = 0
+    draft_tokens: int = 0
     accepted_tokens: int = 0
 
     def followed_by(self, later: "StepOutput") -> "StepOutput":
         """This step's output and a later step's, as one."""
-        return StepOutput(self.request_id, self.token_ids + later.token_ids, self.text + later.text, later.finished,
-                          later.finish_reason, later.prompt_tokens, later.completion_tokens, later.draft_tokens,
-                          later.accepted_tokens)
+        return replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text)
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     speculation: Optional["RowState"] = None
+    draft_passes: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
     _held: str = ""  # text that may be the start of a stop string, not yet shown
@@ -77,7 +78,8 @@ class Request:
         if self.finished and not self._stopped_by_string:
             text += self._release(self._detok.flush(), final=True)
         return StepOutput(self.request_id, new, text, self.finished, self.finish_reason,
-                          len(self.prompt_ids), len(self.generated), self.draft_tokens, self.accepted_tokens)
+                          len(self.prompt_ids), len(self.generated), self.draft_passes, self.draft_tokens,
+                          self.accepted_tokens)
 
     def _release(self, delta: str, final: bool = False) -> str:
         """Return the text safe to show; hold back a tail that could still grow into a stop string."""

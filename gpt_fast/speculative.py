@@ -154,6 +154,7 @@ class Speculator:
         out = []
         for r, k, n, row, count in zip(reqs, ks, lengths, tokens, counts):
             if k:
+                r.draft_passes += 1
                 r.draft_tokens += k
                 r.accepted_tokens += count - 1
                 r.speculation.record(k, count - 1, self.min_tokens_per_pass)
