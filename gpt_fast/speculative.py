@@ -7,8 +7,8 @@ batch drafts and accepts its own number of tokens: positions are per row, so sta
 accepted tokens are simply overwritten later and never read before that.
 
 A row whose drafts stop paying off (too few accepted tokens per verify pass for what a pass costs) backs off:
-it decodes plainly for 1, 2, 4, ... 64 steps before it drafts again. The decision depends only on the row's own
-history, so a seeded request gives the same tokens whatever shares its batch.
+it decodes plainly for 1, 4, 16, then 64 steps before it drafts again. The decision depends only on the row's
+own history, so a seeded request gives the same tokens whatever shares its batch.
 """
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -64,7 +64,7 @@ class RowState:
     def record(self, drafted: int, accepted: int, min_tokens_per_pass: float) -> None:
         self.tokens_per_pass = 0.5 * self.tokens_per_pass + 0.5 * (accepted + 1)
         if self.tokens_per_pass < min_tokens_per_pass:
-            self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
+            self.skip, self.backoff = self.backoff, min(4 * self.backoff, MAX_BACKOFF)
         else:
             self.backoff = 1
 
@@ -75,8 +75,8 @@ def accept(logits: Tensor, drafts: Tensor, num_drafts: Tensor, draft_probs: Opti
 
     logits [B, K+1, V]: the target at the last token and at each draft; drafts [B, K]; num_drafts [B] (row b's
     drafts are drafts[b, :num_drafts[b]]); draft_probs [B, K, V] the distributions the drafts were drawn from,
-    None for point proposals (prompt lookup); sampling None when every row is greedy. Returns tokens [B, K+1] and counts [B]: row b emits
-    tokens[b, :counts[b]] (its accepted drafts, then one corrected or bonus token).
+    None for point proposals (prompt lookup); sampling None when every row is greedy. Returns tokens [B, K+1]
+    and counts [B]: row b emits tokens[b, :counts[b]] (its accepted drafts, then one corrected or bonus token).
     """
     bsz, width, vocab = logits.shape
     k = width - 1

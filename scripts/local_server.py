@@ -40,9 +40,9 @@ class LocalServer:
 
     def archive_and_start(self, checkpoint: Path, config: Path, more: tuple[tuple[str, Path], ...] = ()) -> None:
         """Serve `checkpoint` with `config` as self.name, plus (name, config) more models of it."""
-        archives = [(self.name, config), *more]
-        for args in (*(("archive.sh", str(checkpoint), "--name", name, "--config", str(conf)) for name, conf in archives),
-                     ("serve.sh", "start")):
+        archives = [("archive.sh", str(checkpoint), "--name", name, "--config", str(conf))
+                    for name, conf in [(self.name, config), *more]]
+        for args in (*archives, ("serve.sh", "start")):
             done = self.script(*args, timeout=3600)
             if done.returncode:
                 raise RuntimeError(f"{args[0]} failed:\n{done.stdout}{done.stderr}")
