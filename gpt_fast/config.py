@@ -74,7 +74,7 @@ class ModelArgs:
                 raise ValueError(f"unknown quantization keys {sorted(extra)}")
             self.quantization = quantization_scheme(self.quantization.get("mode"), self.quantization.get("groupsize"))
             if self.num_experts and self.quantization["mode"] != "int8":
-                raise ValueError("only int8 is implemented for mixture-of-experts models (experts and router)")
+                raise ValueError("int4 is not implemented for mixture-of-experts models; use int8")
 
     @classmethod
     def load(cls, path: Path) -> "ModelArgs":
@@ -126,7 +126,7 @@ NAMED_SHAPES = {
     "mixtral-8x7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_heads=8, head_dim=128, intermediate_size=14336,
                          vocab_size=32000, rope_base=1000000.0, max_position_embeddings=32768, num_experts=8,
                          num_experts_per_tok=2),
-    # Mixtral's proportions (8 experts, top-2, GQA 4:1, I = 3.5 D) scaled down to run on a 2-core CPU (1.5 GB bf16).
+    # Mixtral's proportions (8 experts, top-2, GQA 4:1, I = 3.5 D) scaled down for a 2-core CPU (1.5 GB bf16).
     "mixtral-tiny": dict(dim=1024, n_layer=8, n_head=16, n_kv_heads=4, head_dim=64, intermediate_size=3584,
                          vocab_size=32000, rope_base=1000000.0, max_position_embeddings=32768, num_experts=8,
                          num_experts_per_tok=2),

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face Llama/Mistral/Mixtral checkpoint directory into model.pth + config.json + tokenizer.model.
+"""Convert a Hugging Face Llama/Mistral/Mixtral checkpoint directory into model.pth, config.json, tokenizer.model.
 
     python -m gpt_fast.convert HF_DIR OUT_DIR
 

@@ -126,7 +126,7 @@ class MoEFeedForward(nn.Module):
     Experts are stacked: w1, w3 [E, I, D] and w2 [E, D, I], each expert a gated SiLU FeedForward. Tensor
     parallelism shards I like a dense FeedForward (w1/w3 dim 1, w2 dim 2) and keeps the router whole.
 
-    Two static-shape paths, chosen by the number of tokens N (a Python decision, so each compiled bucket takes one):
+    Two static-shape paths, chosen by the number of tokens N (a Python decision: each compiled bucket takes one):
     - N * top_k <= E (decode at small batch): gather only the chosen experts' matrices, so batch-1 decode reads
       2 of 8 experts' bytes.
     - otherwise (prefill, large batches): run every expert over all N tokens and combine them with routing
@@ -162,7 +162,8 @@ class MoEFeedForward(nn.Module):
             h = F.silu(self.gathered_linear("w1", xk, experts)) * self.gathered_linear("w3", xk, experts)
             y = torch.einsum("nkd,nk->nd", self.gathered_linear("w2", h, experts), weights)
         else:
-            routing = torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device).scatter(1, experts, weights)
+            routing = torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device)
+            routing = routing.scatter(1, experts, weights)
             y = torch.zeros_like(x)
             for e in range(num_experts):
                 h = F.silu(self.expert_linear("w1", x, e)) * self.expert_linear("w3", x, e)

@@ -1,6 +1,5 @@
 """Mixtral (mixture of experts): conversion from transformers' MixtralForCausalLM, logits and greedy tokens match
 it; batching, int8 experts and compile change nothing they should not."""
-import json
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,8 @@ from gpt_fast.tokenizer import load_tokenizer
 from test_convert import randomize
 
 # 4 experts, top-2: one or two tokens take the gather path (decode at batch 1 and 2), more the all-experts path.
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 PROMPTS = ["The capital of France", "Once upon a time there was a little", "A",
            "The river ran past the old mill and the children watched the water turn the wheel all day long"]
 
@@ -83,7 +82,8 @@ def test_int8_experts(converted, tmp_path):
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
 
     def greedy(m) -> list[list[int]]:
-        return [c.tokens for c in Engine(m, tokenizer, max_batch_size=2, max_seq_len=128).generate(prompts, params)]
+        engine = Engine(m, tokenizer, max_batch_size=2, max_seq_len=128)
+        return [c.tokens for c in engine.generate(prompts, params)]
 
     reference = greedy(model)
     quantized = quantize_checkpoint(out_dir, "int8", out_dir=tmp_path / "int8")
@@ -116,7 +116,8 @@ def test_compiled_equals_eager(converted):
     prompts = [tokenizer.encode(p) for p in (PROMPTS[0], PROMPTS[2], "Once upon a time")]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (12, 5, 8)]
     # Two graphs: decode at batch 1 (the gather path) and a 16-token prefill (the all-experts path).
-    expected = [c.tokens for c in Engine(model, tokenizer, max_batch_size=1, max_seq_len=16).generate(prompts, params)]
+    eager = Engine(model, tokenizer, max_batch_size=1, max_seq_len=16)
+    expected = [c.tokens for c in eager.generate(prompts, params)]
     compiled = Engine(model, tokenizer, max_batch_size=1, max_seq_len=16, compile=True)
     compiled.warmup()
     assert [c.tokens for c in compiled.generate(prompts, params)] == expected
