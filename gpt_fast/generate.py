@@ -1,6 +1,10 @@
 """Generate text from a converted checkpoint, like gpt-fast's generate.py.
 
     python -m gpt_fast.generate --checkpoint checkpoints/tiny --prompt "The capital of France" --max-new-tokens 50
+
+Tensor parallel over N GPUs (or N CPU processes), rank 0 prints:
+
+    torchrun --standalone --nproc-per-node N -m gpt_fast.generate --checkpoint ... --prompt ...
 """
 import argparse
 import json
@@ -13,6 +17,7 @@ import torch
 from .checkpoint import DTYPES, default_device, load_model, resolve_checkpoint
 from .engine import Engine, default_max_seq_len
 from .sampling import SamplingParams
+from . import tp
 from .tokenizer import load_tokenizer
 
 
@@ -37,12 +42,13 @@ def main(argv: list[str] | None = None) -> None:
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed, stop=tuple(a.stop))
         weights = resolve_checkpoint(a.checkpoint)
-        device = torch.device(a.device or default_device())
+        device = tp.setup(torch.device(a.device or default_device()))
         t0 = time.perf_counter()
-        model = load_model(weights, device=device, dtype=DTYPES.get(a.dtype))
+        model = load_model(weights, device=device, dtype=DTYPES.get(a.dtype), rank=tp.rank(),
+                           world_size=tp.world_size())
         tokenizer = load_tokenizer(weights.parent, model.args.tokenizer, model.args.stop_token_ids)
-        engine = Engine(model, tokenizer, max_batch_size=1,
-                        max_seq_len=a.max_seq_len or default_max_seq_len(model.args), compile=a.compile)
+        engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=a.max_seq_len or default_max_seq_len(model.args),
+                        compile=a.compile, seed=tp.shared_seed())
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         if a.compile:
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
+    show = tp.rank() == 0  # every rank generates the same tokens
     tokens: list[int] = []
     text = []
     t0 = time.perf_counter()
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         for out in engine.step():
             tokens += out.token_ids
             text.append(out.text)
-            if not a.json:
+            if show and not a.json:
                 print(out.text, end="", flush=True)
         if first is None:
             first = time.perf_counter()
@@ -73,12 +80,13 @@ def main(argv: list[str] | None = None) -> None:
              "time_to_first_token_s": first - t0, "bandwidth_gbs": weight_bytes * tps / 1e9,
              "load_s": load_s, "compile_s": compile_s, "device": str(device),
              "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch.")}
-    if a.json:
+    if show and a.json:
         print(json.dumps(stats))
-    else:
+    elif show:
+        ranks = f", {tp.world_size()} ranks" if tp.world_size() > 1 else ""
         print(f"\n\n{len(tokens)} tokens, {tps:.1f} tokens/s, {stats['bandwidth_gbs']:.2f} GB/s, "
               f"first token {stats['time_to_first_token_s'] * 1e3:.0f} ms, load {load_s:.1f} s, "
-              f"compile {compile_s:.1f} s ({device}, {stats['dtype']})", file=sys.stderr)
+              f"compile {compile_s:.1f} s ({device}, {stats['dtype']}{ranks})", file=sys.stderr)
 
 
 if __name__ == "__main__":
