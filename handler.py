@@ -15,6 +15,7 @@ import torch
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
+from gpt_fast import tp
 from gpt_fast.checkpoint import load_model, resolve_checkpoint
 from gpt_fast.config import scheme_name
 from gpt_fast.engine import Engine, default_max_seq_len
@@ -39,19 +40,22 @@ class GptFastHandler:
     def initialize(self, ctx) -> None:
         props = ctx.system_properties
         config = HandlerConfig.from_dict(ctx.model_yaml_config.get("handler"), props["batch_size"])
-        device = config.torch_device(props.get("gpu_id"))
+        # Under torchrun (parallelType: tp) this joins the ranks' process group; each rank loads its shard.
+        device = tp.setup(config.torch_device(props.get("gpu_id")))
         checkpoint = resolve_checkpoint(config.checkpoint_path(props["model_dir"]))
         start = time.perf_counter()
-        model = load_model(checkpoint, device, config.torch_dtype())
+        model = load_model(checkpoint, device, config.torch_dtype(), tp.rank(), tp.world_size())
         if config.quantize:
             quantize_model(model, config.quantize, config.groupsize)
         tokenizer = load_tokenizer(checkpoint.parent, model.args.tokenizer, model.args.stop_token_ids)
         loaded = time.perf_counter()
-        logger.info("loaded %s on %s as %s (%s) in %.1f s, %d CPU threads", checkpoint, device,
-                    model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization), loaded - start,
-                    torch.get_num_threads())
+        logger.info("loaded %s on %s as %s (%s, tensor-parallel rank %d of %d) in %.1f s, %d CPU threads",
+                    checkpoint, device, model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization),
+                    tp.rank(), tp.world_size(), loaded - start, torch.get_num_threads())
         max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
-        engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile)
+        # Under tensor parallelism every rank must draw the same seeds for requests that bring none.
+        engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile,
+                        seed=tp.shared_seed())
         self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))
         self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
         logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s", config.compile,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from . import tp
 from .checkpoint import DTYPES, default_device, load_model, resolve_checkpoint
 from .engine import Engine, default_max_seq_len
 from .sampling import SamplingParams
-from . import tp
 from .tokenizer import load_tokenizer
 
 

@@ -17,7 +17,7 @@ identical on every rank, and so are the sampled tokens when the seeds are (share
 """
 import os
 import random
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,11 @@ from .quantized import WeightOnlyInt4Linear, WeightOnlyInt8Linear
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
+# A gloo group for the host-side agreements below (seeds, batches, when to stop stepping): small CPU objects, kept
+# off the model's collectives (and off the GPUs under nccl).
+_control: Optional[dist.ProcessGroup] = None
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -44,6 +49,7 @@ def rank() -> int:
 def setup(device: torch.device) -> torch.device:
     """Under torchrun with WORLD_SIZE > 1, join its process group (nccl on CUDA, gloo on CPU) and return this
     rank's device (cuda:LOCAL_RANK on CUDA); otherwise return `device` as it is."""
+    global _control
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
     if device.type == "cuda":
@@ -52,6 +58,7 @@ def setup(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
+    _control = dist.new_group(backend="gloo")
     return device
 
 
@@ -59,15 +66,20 @@ def shared_seed() -> Optional[int]:
     """A random seed that is the same on every rank (rank 0's); None in a single process (the engine draws)."""
     if world_size() == 1:
         return None
-    seed = [random.SystemRandom().getrandbits(63) if rank() == 0 else None]
-    dist.broadcast_object_list(seed, src=0)
-    return seed[0]
+    return rank0_object(random.SystemRandom().getrandbits(63))
 
 
-def rank0_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's `flag`, on every rank (a collective: every rank must call it at the same point)."""
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.broadcast(value, src=0)
+def rank0_object(obj: Any) -> Any:
+    """Rank 0's `obj` (picklable), on every rank: a collective, every rank calls it at the same point."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
+
+
+def rank0_flag(flag: bool) -> bool:
+    """Rank 0's `flag`, on every rank (cheaper than rank0_object)."""
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.broadcast(value, src=0, group=_control)
     return bool(value.item())
 
 

@@ -1,10 +1,12 @@
 """Tensor parallelism on 2 CPU ranks (gloo, spawned here): the sharded model computes what the whole one does."""
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from gpt_fast.engine import Engine
 from gpt_fast.model import Transformer
 from gpt_fast.quantize import quantize_checkpoint
 from gpt_fast.sampling import SamplingParams
+from gpt_fast.serving import ServingLoop
 from gpt_fast.tokenizer import load_tokenizer
 
 WORLD = 2
@@ -51,6 +54,33 @@ def generations(model: Transformer, tokenizer) -> list[list[int]]:
     return [c.tokens for c in engine.generate(prompts, [GREEDY] * 4 + [SAMPLED] * 4)]
 
 
+# What the serving test sends, one new request per call; the last one is refused (400).
+SERVED = [{"prompt": p, "max_new_tokens": 20 + 7 * i} for i, p in enumerate(PROMPTS)] + [
+    {"prompt": "Bread and", "max_new_tokens": 30, "temperature": 0.8, "seed": 7},
+    {"prompt": "Bread and", "max_new_tokens": 30, "temperature": 0.8},
+    {"prompt": "x", "top_p": 1.5}]
+
+
+def serve(model: Transformer, tokenizer) -> dict[str, tuple[int, bytes]]:
+    """Drive a ServingLoop as TorchServe does, each rank at its own pace; ranks other than 0 get new requests
+    without their bodies, as TorchServe 0.12 may send them. (status, text) per request."""
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128, seed=tp.shared_seed())
+    loop = ServingLoop(engine, tokenizer, SamplingParams(max_new_tokens=16))
+    pace = random.Random(tp.rank())
+    new = [(f"r{i}", body if tp.rank() == 0 else None) for i, body in enumerate(SERVED)]
+    batch, answers = [], {}
+    while new or batch:
+        batch += new[:1]
+        new = new[1:]
+        time.sleep(pace.random() * 0.005)
+        replies = loop.step(batch)
+        for (rid, _), reply in zip(batch, replies):
+            status, text = answers.get(rid, (reply.status, b""))
+            answers[rid] = (status, text + reply.body)
+        batch = [(rid, None) for (rid, _), reply in zip(batch, replies) if not reply.finished]
+    return answers
+
+
 def rank_main(rank: int, port: int, checkpoints: list[tuple[str, str]], out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
@@ -61,6 +91,9 @@ def rank_main(rank: int, port: int, checkpoints: list[tuple[str, str]], out_dir:
         model = load_model(path, device, getattr(torch, dtype), tp.rank(), tp.world_size())
         tokenizer = load_tokenizer(Path(path), model.args.tokenizer, model.args.stop_token_ids)
         results[path, dtype] = (logits_of(model), generations(model, tokenizer))
+    path, dtype = checkpoints[0]
+    model = load_model(path, device, getattr(torch, dtype), tp.rank(), tp.world_size())
+    results["served"] = serve(model, load_tokenizer(Path(path)))
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -127,6 +160,22 @@ def test_ranks_agree_on_every_token_sampled_or_not(checkpoints, ranks):
     for key in checkpoints.values():
         assert ranks[0][key][1] == ranks[1][key][1]
         assert torch.equal(ranks[0][key][0], ranks[1][key][0])
+
+
+def test_serving_loop_ranks_step_together_on_rank_0s_requests(checkpoints, ranks):
+    model = load_model(checkpoints["tiny"][0], "cpu", torch.float32)
+    tokenizer = load_tokenizer(Path(checkpoints["tiny"][0]))
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128)
+    served = ranks[0]["served"]
+    assert served == ranks[1]["served"]  # the same steps and tokens, although rank 1 never saw a body
+    for i, body in enumerate(SERVED[:-2]):
+        params = SamplingParams(max_new_tokens=body["max_new_tokens"], temperature=body.get("temperature", 0.0),
+                                seed=body.get("seed"))
+        expected = engine.generate([tokenizer.encode(body["prompt"])], params)[0].text
+        assert served[f"r{i}"] == (200, expected.encode())
+    assert served[f"r{len(SERVED) - 2}"][0] == 200  # unseeded: a seed drawn alike on both ranks
+    status, error = served[f"r{len(SERVED) - 1}"]
+    assert status == 400 and json.loads(error)["field"] == "top_p"
 
 
 def test_unshardable_shapes_are_rejected_naming_them(tiny_checkpoint, tmp_path):
