@@ -53,6 +53,10 @@ class ModelArgs:
     stop_token_ids: list = field(default_factory=list)
     # Weight-only quantization of the Linear layers (see quantized.py), as written by quantization_scheme().
     quantization: Optional[dict] = None
+    # Mixture of experts (Mixtral): the feed-forward is num_experts experts of intermediate_size each, of which
+    # num_experts_per_tok run per token. 0: a dense feed-forward.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
 
     def __post_init__(self) -> None:
         if self.n_head % self.n_kv_heads:
@@ -61,11 +65,16 @@ class ModelArgs:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "linear", "default"):
                 raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
+                             f"{self.num_experts}")
         if self.quantization is not None:
             extra = set(self.quantization) - {"mode", "groupsize"}
             if extra:
                 raise ValueError(f"unknown quantization keys {sorted(extra)}")
             self.quantization = quantization_scheme(self.quantization.get("mode"), self.quantization.get("groupsize"))
+            if self.num_experts and self.quantization["mode"] != "int8":
+                raise ValueError("int4 is not implemented for mixture-of-experts models; use int8")
 
     @classmethod
     def load(cls, path: Path) -> "ModelArgs":
@@ -83,10 +92,11 @@ class ModelArgs:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     def weight_bytes(self, dtype_bytes: float) -> float:
-        """Bytes read per decoded token (all matrices; the embedding row read is negligible).
+        """Bytes read per decoded token at batch 1 (all matrices; the embedding row read is negligible).
 
         dtype_bytes is the model dtype's size; quantized matrices count their own width plus their scales
-        (int4: a bf16 scale and zero per group; int8's one scale per row is negligible).
+        (int4: a bf16 scale and zero per group; int8's one scale per row is negligible). A mixture of experts
+        counts the num_experts_per_tok experts a token runs and its router (never quantized), not every expert.
         """
         scheme = self.quantization or {}
         if scheme.get("mode") == "int8":
@@ -96,9 +106,10 @@ class ModelArgs:
         else:
             bytes_per_param = dtype_bytes
         attn = self.dim * (self.n_head + 2 * self.n_kv_heads) * self.head_dim + self.n_head * self.head_dim * self.dim
-        ffn = 3 * self.dim * self.intermediate_size
+        ffn = 3 * self.dim * self.intermediate_size * (self.num_experts_per_tok if self.num_experts else 1)
         out = self.dim * self.vocab_size
-        return (self.n_layer * (attn + ffn) + out) * bytes_per_param
+        router = self.n_layer * self.dim * self.num_experts * dtype_bytes
+        return (self.n_layer * (attn + ffn) + out) * bytes_per_param + router
 
 
 # Shapes for benchmarks with random weights (the converter reads real ones from config.json).
@@ -112,4 +123,11 @@ NAMED_SHAPES = {
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                          tokenizer="tiktoken"),
+    "mixtral-8x7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_heads=8, head_dim=128, intermediate_size=14336,
+                         vocab_size=32000, rope_base=1000000.0, max_position_embeddings=32768, num_experts=8,
+                         num_experts_per_tok=2),
+    # Mixtral's proportions (8 experts, top-2, GQA 4:1, I = 3.5 D) scaled down for a 2-core CPU (1.5 GB bf16).
+    "mixtral-tiny": dict(dim=1024, n_layer=8, n_head=16, n_kv_heads=4, head_dim=64, intermediate_size=3584,
+                         vocab_size=32000, rope_base=1000000.0, max_position_embeddings=32768, num_experts=8,
+                         num_experts_per_tok=2),
 }

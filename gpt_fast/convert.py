@@ -1,9 +1,10 @@
-"""Convert a Hugging Face Llama/Mistral checkpoint directory into model.pth + config.json + tokenizer.model.
+"""Convert a Hugging Face Llama/Mistral/Mixtral checkpoint directory into model.pth, config.json, tokenizer.model.
 
     python -m gpt_fast.convert HF_DIR OUT_DIR
 
-Weights are streamed shard by shard: each tensor is renamed as it is read and q/k/v are fused into `wqkv`
-as soon as a layer's three projections have all been seen (they may sit in different shards), so the
+Weights are streamed shard by shard: each tensor is renamed as it is read, q/k/v are fused into `wqkv` as soon
+as a layer's three projections have all been seen (they may sit in different shards), and Mixtral's per-expert
+matrices are stacked into [num_experts, ...] tensors as soon as a layer's last expert has been seen, so the
 converter holds the model roughly once, never a shard and its converted copy together.
 """
 import argparse
@@ -21,9 +22,9 @@ from .config import ModelArgs
 from .model import Transformer
 from .tokenizer import detect_kind
 
-# Architectures whose weights are the plain Llama layout. Mixtral (MixtralForCausalLM) would need its own
-# entry here plus names for the `block_sparse_moe` router and experts in `_LAYER_NAMES`.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Llama layout; Mixtral replaces the MLP by `block_sparse_moe` (a router `gate` and experts.M.w1/w2/w3, the
+# names real checkpoints use and that transformers' save_pretrained writes).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 
 _TOP_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -37,10 +38,12 @@ _LAYER_NAMES = {
     "mlp.down_proj.weight": "feed_forward.w2.weight",
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
+    "block_sparse_moe.gate.weight": "feed_forward.gate.weight",
 }
 # Position of each projection inside the fused wqkv (the model splits it as q, k, v).
 _QKV_INDEX = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 1, "self_attn.v_proj.weight": 2}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT_RE = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 # Old checkpoints saved the RoPE table as a buffer; the model recomputes it.
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -99,6 +102,8 @@ def model_args_from_hf(config: dict, generation_config: Optional[dict] = None) -
         max_position_embeddings=max_pos,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         stop_token_ids=_stop_token_ids(config, generation_config),
+        num_experts=config.get("num_local_experts", 0) if "MixtralForCausalLM" in archs else 0,
+        num_experts_per_tok=config.get("num_experts_per_tok", 0) if "MixtralForCausalLM" in archs else 0,
     )
 
 
@@ -154,6 +159,7 @@ def convert_weights(files: list[Path], args: ModelArgs) -> dict[str, torch.Tenso
     """Stream the HF weight files into a state dict with our names, checked against the model's shapes."""
     out: dict[str, torch.Tensor] = {}
     pending_qkv: dict[int, list[Optional[torch.Tensor]]] = {}
+    pending_experts: dict[tuple[int, str], list[Optional[torch.Tensor]]] = {}
     for i, path in enumerate(files, 1):
         print(f"[{i}/{len(files)}] {path.name}", file=sys.stderr, flush=True)
         unknown = []
@@ -162,6 +168,7 @@ def convert_weights(files: list[Path], args: ModelArgs) -> dict[str, torch.Tenso
                 continue  # a tied lm_head is a duplicate of the embeddings
             match = _LAYER_RE.fullmatch(name)
             layer = int(match.group(1)) if match else -1
+            expert = _EXPERT_RE.fullmatch(match.group(2)) if match else None
             if name in _TOP_NAMES:
                 out[_TOP_NAMES[name]] = _own_storage(tensor)
             elif match and layer < args.n_layer and match.group(2) in _LAYER_NAMES:
@@ -171,6 +178,12 @@ def convert_weights(files: list[Path], args: ModelArgs) -> dict[str, torch.Tenso
                 parts[_QKV_INDEX[match.group(2)]] = tensor
                 if all(p is not None for p in parts):
                     out[f"layers.{layer}.attention.wqkv.weight"] = torch.cat(pending_qkv.pop(layer))
+            elif expert and layer < args.n_layer and int(expert.group(1)) < args.num_experts:
+                key = (layer, expert.group(2))
+                parts = pending_experts.setdefault(key, [None] * args.num_experts)
+                parts[int(expert.group(1))] = tensor
+                if all(p is not None for p in parts):
+                    out[f"layers.{layer}.feed_forward.{key[1]}"] = torch.stack(pending_experts.pop(key))
             else:
                 unknown.append(name)
         if unknown:
@@ -183,6 +196,9 @@ def convert_weights(files: list[Path], args: ModelArgs) -> dict[str, torch.Tenso
     missing = sorted(set(expected) - set(out))
     if missing:
         raise ValueError(f"weights missing from the checkpoint: {missing[:20]}")
+    unexpected = sorted(set(out) - set(expected))
+    if unexpected:  # e.g. a dense MLP in a checkpoint whose config.json declares experts
+        raise ValueError(f"weights the config.json model does not have: {unexpected[:20]}")
     for name, tensor in out.items():
         if tensor.shape != expected[name].shape:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match config.json "

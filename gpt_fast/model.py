@@ -113,11 +113,69 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _expert_weights(num_experts: int, out_features: int, in_features: int) -> nn.Parameter:
+    # nn.Linear's default init, so a model built directly (not loaded) is usable like a dense one.
+    bound = in_features ** -0.5
+    return nn.Parameter(torch.empty(num_experts, out_features, in_features).uniform_(-bound, bound))
+
+
+class MoEFeedForward(nn.Module):
+    """Mixtral's sparse mixture of experts: a router picks top_k of the experts per token, weighted by its softmax
+    probabilities renormalised over the chosen ones (transformers' MixtralSparseMoeBlock).
+
+    Experts are stacked: w1, w3 [E, I, D] and w2 [E, D, I], each expert a gated SiLU FeedForward. Tensor
+    parallelism shards I like a dense FeedForward (w1/w3 dim 1, w2 dim 2) and keeps the router whole.
+
+    Two static-shape paths, chosen by the number of tokens N (a Python decision: each compiled bucket takes one):
+    - N * top_k <= E (decode at small batch): gather only the chosen experts' matrices, so batch-1 decode reads
+      2 of 8 experts' bytes.
+    - otherwise (prefill, large batches): run every expert over all N tokens and combine them with routing
+      weights that are zero for unchosen experts. Each expert is read once instead of gathered N * top_k times;
+      it costs E / top_k times the FLOPs of sparse routing, but needs no data-dependent shapes.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.num_experts, bias=False)
+        self.w1 = _expert_weights(args.num_experts, args.intermediate_size, args.dim)
+        self.w3 = _expert_weights(args.num_experts, args.intermediate_size, args.dim)
+        self.w2 = _expert_weights(args.num_experts, args.dim, args.intermediate_size)
+
+    def expert_linear(self, name: str, x: Tensor, expert: int) -> Tensor:
+        """x [N, in] times expert `expert`'s matrix `name` ("w1", "w2" or "w3") -> [N, out]."""
+        return F.linear(x, getattr(self, name)[expert])
+
+    def gathered_linear(self, name: str, x: Tensor, experts: Tensor) -> Tensor:
+        """x [N, 1 or k, in] times the matrix `name` of each expert in experts [N, k] -> [N, k, out]."""
+        return (getattr(self, name)[experts] @ x.unsqueeze(-1)).squeeze(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        num_experts = self.w1.shape[0]
+        if x.shape[0] * self.top_k <= num_experts:
+            xk = x.unsqueeze(1)
+            h = F.silu(self.gathered_linear("w1", xk, experts)) * self.gathered_linear("w3", xk, experts)
+            y = torch.einsum("nkd,nk->nd", self.gathered_linear("w2", h, experts), weights)
+        else:
+            routing = torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device)
+            routing = routing.scatter(1, experts, weights)
+            y = torch.zeros_like(x)
+            for e in range(num_experts):
+                h = F.silu(self.expert_linear("w1", x, e)) * self.expert_linear("w3", x, e)
+                y = y + self.expert_linear("w2", h, e) * routing[:, e, None]
+        return y.reshape(shape)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = MoEFeedForward(args) if args.num_experts else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 

@@ -94,13 +94,19 @@ def bench_engine(model: Transformer, tokenizer, prompt_len: int, new_tokens: int
 
 
 def bench_hf(args: ModelArgs, prompt_len: int, new_tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(hidden_size=args.dim, num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
-                         num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
-                         intermediate_size=args.intermediate_size, vocab_size=args.vocab_size,
-                         rope_theta=args.rope_base, tie_word_embeddings=args.tie_embeddings)
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    shape = dict(hidden_size=args.dim, num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
+                 num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
+                 intermediate_size=args.intermediate_size, vocab_size=args.vocab_size,
+                 rope_theta=args.rope_base, tie_word_embeddings=args.tie_embeddings)
+    if args.num_experts:
+        config = MixtralConfig(**shape, num_local_experts=args.num_experts,
+                               num_experts_per_tok=args.num_experts_per_tok)
+        model_cls = MixtralForCausalLM
+    else:
+        config, model_cls = LlamaConfig(**shape), LlamaForCausalLM
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model = model_cls(config).to(device=device, dtype=dtype).eval()
     ids = torch.tensor([[1] + [(7 * i) % 100 + 3 for i in range(prompt_len - 1)]], device=device)
 
     def timed(n: int) -> float:

@@ -153,7 +153,7 @@ def test_config_mapping() -> None:
 
 @pytest.mark.parametrize("overrides, message", [
     ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
-    ({"architectures": ["MixtralForCausalLM"]}, "LlamaForCausalLM, MistralForCausalLM"),
+    ({"architectures": ["Qwen2MoeForCausalLM"]}, "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
