@@ -17,6 +17,7 @@ identical on every rank, and so are the sampled tokens when the seeds are (share
 """
 import os
 import random
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -26,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import Transformer
-from .quantized import WeightOnlyInt4Linear, WeightOnlyInt8Linear
+from .config import ModelArgs
+from .model import MoEFeedForward, Transformer
+from .quantized import WeightOnlyInt4Linear, WeightOnlyInt8Linear, WeightOnlyInt8MoEFeedForward
 
 # torch 2.13 renamed all_gather_tensor (which now warns) to all_gather_single; torch 2.11 has the old name only.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -113,9 +115,12 @@ def shard_model(model: Transformer, state: dict[str, Tensor], rank: int, world: 
         attn.wqkv = _shard_rows(attn.wqkv, shard, prefix + "attention.wqkv.", qkv_rows)
         attn.wo = _shard_columns(attn.wo, shard, prefix + "attention.wo.", rank * q_heads * head_dim,
                                  q_heads * head_dim)
-        ffn.w1 = _shard_rows(ffn.w1, shard, prefix + "feed_forward.w1.", ffn_rows)
-        ffn.w3 = _shard_rows(ffn.w3, shard, prefix + "feed_forward.w3.", ffn_rows)
-        ffn.w2 = _shard_columns(ffn.w2, shard, prefix + "feed_forward.w2.", rank * inter, inter)
+        if isinstance(ffn, MoEFeedForward):
+            layer.feed_forward = ffn = _shard_experts(ffn, shard, prefix + "feed_forward.", args, rank * inter, inter)
+        else:
+            ffn.w1 = _shard_rows(ffn.w1, shard, prefix + "feed_forward.w1.", ffn_rows)
+            ffn.w3 = _shard_rows(ffn.w3, shard, prefix + "feed_forward.w3.", ffn_rows)
+            ffn.w2 = _shard_columns(ffn.w2, shard, prefix + "feed_forward.w2.", rank * inter, inter)
         attn.register_forward_hook(_all_reduce_output)
         ffn.register_forward_hook(_all_reduce_output)
     vocab_rows = -(-args.vocab_size // world)  # the last rank's rows past the vocabulary are zeros
@@ -175,6 +180,22 @@ def _shard_columns(linear: nn.Module, state: dict[str, Tensor], prefix: str, sta
     else:
         state[prefix + "weight"] = weight[:, start:start + size].contiguous()
     return shard
+
+
+def _shard_experts(moe: MoEFeedForward, state: dict[str, Tensor], prefix: str, args: ModelArgs, start: int,
+                   size: int) -> MoEFeedForward:
+    """Keep intermediate features start..start+size of every expert (w1/w3 dim 1, w2 dim 2, int8 scales with
+    their rows); the router stays whole. Returns the shard's empty layer; `state` gets its slices."""
+    for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
+        state[prefix + name] = state[prefix + name].narrow(dim, start, size).contiguous()
+    with torch.device("meta"):
+        shard = MoEFeedForward(replace(args, intermediate_size=size))
+    if not isinstance(moe, WeightOnlyInt8MoEFeedForward):
+        return shard
+    # w2's scales are per output channel: the partial sums of all ranks add up under the same scale.
+    for name in ("w1_scales", "w3_scales"):
+        state[prefix + name] = state[prefix + name].narrow(1, start, size).contiguous()
+    return WeightOnlyInt8MoEFeedForward(shard, device="meta")
 
 
 def _empty_like(linear: nn.Module, in_features: int, out_features: int) -> nn.Module:

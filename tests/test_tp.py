@@ -105,7 +105,8 @@ def random_checkpoint(out: Path, tokenizer_dir: Path, **overrides) -> Path:
                                vocab_size=515, tie_embeddings=True), **overrides})
     state = Transformer(args).state_dict()
     out.mkdir()
-    torch.save({k: v for k, v in state.items() if k != "output.weight"}, out / "model.pth")  # tied: not stored
+    tied = args.tie_embeddings and "output.weight"  # a tied output layer is not stored
+    torch.save({k: v for k, v in state.items() if k != tied}, out / "model.pth")
     args.save(out / "config.json")
     shutil.copyfile(tokenizer_dir / "tokenizer.model", out / "tokenizer.model")
     return out
@@ -115,10 +116,13 @@ def random_checkpoint(out: Path, tokenizer_dir: Path, **overrides) -> Path:
 def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, tuple[str, str]]:
     root = tmp_path_factory.mktemp("tp")
     tied = random_checkpoint(root / "tied", tiny_checkpoint)
+    moe = random_checkpoint(root / "moe", tiny_checkpoint, num_experts=4, num_experts_per_tok=2, tie_embeddings=False)
     return {"tiny": (str(tiny_checkpoint), "float32"),
             "int8": (str(quantize_checkpoint(tiny_checkpoint, "int8", out_dir=root / "int8")), "float32"),
             "tied": (str(tied), "float32"),
-            "int4": (str(quantize_checkpoint(tied, "int4", 64, root / "int4")), "bfloat16")}
+            "int4": (str(quantize_checkpoint(tied, "int4", 64, root / "int4")), "bfloat16"),
+            "moe": (str(moe), "float32"),
+            "moe-int8": (str(quantize_checkpoint(moe, "int8", out_dir=root / "moe-int8")), "float32")}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +142,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name", ["tiny", "int8", "tied"])
+@pytest.mark.parametrize("name", ["tiny", "int8", "tied", "moe", "moe-int8"])
 def test_two_ranks_match_one_process(checkpoints, ranks, name):
     key = checkpoints[name]
     logits, tokens = single_process(*key)
@@ -146,7 +150,7 @@ def test_two_ranks_match_one_process(checkpoints, ranks, name):
         tp_logits, tp_tokens = result[key]
         assert tp_logits.shape == logits.shape
         assert relative_error(tp_logits, logits) < 1e-4
-        if name != "tied":  # the planted tiny model has no near-ties that rounding could flip
+        if name in ("tiny", "int8"):  # the planted tiny model has no near-ties that rounding could flip
             assert tp_tokens[:4] == tokens[:4]
 
 
@@ -176,6 +180,23 @@ def test_serving_loop_ranks_step_together_on_rank_0s_requests(checkpoints, ranks
     assert served[f"r{len(SERVED) - 2}"][0] == 200  # unseeded: a seed drawn alike on both ranks
     status, error = served[f"r{len(SERVED) - 1}"]
     assert status == 400 and json.loads(error)["field"] == "top_p"
+
+
+def test_a_rank_holds_its_share_of_every_matrix(checkpoints):
+    for name in ("int8", "moe"):
+        full = load_model(checkpoints[name][0], "cpu", torch.float32)
+        ranks = [load_model(checkpoints[name][0], "cpu", torch.float32, r, WORLD) for r in range(WORLD)]
+        for key, tensor in full.state_dict().items():
+            shards = [rank.state_dict()[key] for rank in ranks]
+            if shards[0].shape == tensor.shape:
+                assert key.endswith(("norm.weight", "tok_embeddings.weight", "gate.weight", "wo.scales", "w2.scales",
+                                     "w2_scales")), key  # the only replicated tensors
+                assert all(torch.equal(s, tensor) for s in shards), key
+                continue
+            split = next(d for d in range(tensor.dim()) if shards[0].shape[d] != tensor.shape[d])
+            assert sum(s.shape[split] for s in shards) >= tensor.shape[split], key  # padding aside
+            # A copy of the shard, not a view into the whole mmapped checkpoint.
+            assert all(s.untyped_storage().nbytes() == s.nbytes for s in shards), key
 
 
 def test_unshardable_shapes_are_rejected_naming_them(tiny_checkpoint, tmp_path):
