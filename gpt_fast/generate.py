@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(weights, device=device, dtype=DTYPES.get(a.dtype), rank=tp.rank(),
                            world_size=tp.world_size())
         tokenizer = load_tokenizer(weights.parent, model.args.tokenizer, model.args.stop_token_ids)
-        engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=a.max_seq_len or default_max_seq_len(model.args),
-                        compile=a.compile, seed=tp.shared_seed())
+        engine = Engine(model, tokenizer, max_batch_size=1,
+                        max_seq_len=a.max_seq_len or default_max_seq_len(model.args), compile=a.compile,
+                        seed=tp.shared_seed())  # under torchrun, every rank samples with the same seeds
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         if a.compile:

@@ -1,11 +1,13 @@
 """Tensor parallelism over the ranks torchrun starts (one per GPU; CPU processes for tests), Megatron-style.
 
-Each rank holds 1/N of every matrix and all of the embedding and the norms:
+Each rank holds 1/N of every matrix, and all of the embedding, the norms and a mixture of experts' router:
 - attention: wqkv split by heads (each rank gets n_head / N query heads and the n_kv_heads / N kv heads they
   read under GQA), wo by its input columns, then an all-reduce of the partial outputs;
-- feed-forward: w1 and w3 by output rows, w2 by input columns, then an all-reduce;
+- feed-forward: w1 and w3 by output rows, w2 by input columns (for a mixture of experts, every expert's
+  intermediate dimension), then an all-reduce;
 - output layer: vocabulary rows (padded to a multiple of N), then an all-gather of the logits. Replicated, it
-  would be read whole by every rank at every step: Llama 3.1 8B on 8 GPUs would read 56% more bytes per rank.
+  would be read whole by every rank at every step (Llama 3.1 8B on 8 GPUs: 49% more bytes per rank); sharded,
+  it costs one all-gather of the [batch, vocab] logits per step.
 
 A rank reads only its shard's bytes from the mmapped checkpoint (rows are index_select-ed, columns sliced) and
 builds its layers at the shard's shape, so quantized layers are sharded in their stored form: int8 codes with the
