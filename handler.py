@@ -16,6 +16,7 @@ import torch
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
+from gpt_fast import tp
 from gpt_fast.checkpoint import load_model, resolve_checkpoint
 from gpt_fast.config import scheme_name
 from gpt_fast.engine import Engine, default_max_seq_len
@@ -42,7 +43,8 @@ class GptFastHandler:
     def initialize(self, ctx) -> None:
         props = ctx.system_properties
         config = HandlerConfig.from_dict(ctx.model_yaml_config.get("handler"), props["batch_size"])
-        device = config.torch_device(props.get("gpu_id"))
+        # Under torchrun (parallelType: tp) this joins the ranks' process group; each rank loads its shard.
+        device = tp.setup(config.torch_device(props.get("gpu_id")))
         checkpoint = resolve_checkpoint(config.checkpoint_path(props["model_dir"]))
         start = time.perf_counter()
         model = _load(checkpoint, device, config.torch_dtype(), config.quantize, config.groupsize)
@@ -52,11 +54,14 @@ class GptFastHandler:
             draft = _load(resolve_checkpoint(config.draft_checkpoint_path(props["model_dir"])), device,
                           config.torch_dtype(), config.draft_quantize, None)
         loaded = time.perf_counter()
-        logger.info("loaded %s on %s in %.1f s, %d CPU threads; speculation: %s", checkpoint, device, loaded - start,
-                    torch.get_num_threads(), config.speculate or "off")
+        logger.info("loaded in %.1f s on %s (tensor-parallel rank %d of %d), %d CPU threads; speculation: %s",
+                    loaded - start, device, tp.rank(), tp.world_size(), torch.get_num_threads(),
+                    config.speculate or "off")
         max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
+        # Under tensor parallelism every rank must draw the same seeds for requests that bring none.
         engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile,
-                        speculate=config.speculate, speculate_k=config.speculate_k, draft_model=draft)
+                        seed=tp.shared_seed(), speculate=config.speculate, speculate_k=config.speculate_k,
+                        draft_model=draft)
         self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))
         self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
         logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s", config.compile,
@@ -75,7 +80,7 @@ class GptFastHandler:
 
 def _load(checkpoint: Path, device: torch.device, dtype: Optional[torch.dtype], quantize: Optional[str],
           groupsize: Optional[int]) -> Transformer:
-    model = load_model(checkpoint, device, dtype)
+    model = load_model(checkpoint, device, dtype, tp.rank(), tp.world_size())  # under TP: this rank's shard
     if quantize:
         quantize_model(model, quantize, groupsize)
     logger.info("%s: %s, %s", checkpoint, model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization))

@@ -7,6 +7,7 @@ import torch
 from .config import ModelArgs
 from .model import Transformer
 from .quantized import empty_quantized_linears, pack_for_device
+from .tp import shard_model
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
@@ -33,11 +34,12 @@ def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device, None] = None,
-               dtype: Optional[torch.dtype] = None) -> Transformer:
+               dtype: Optional[torch.dtype] = None, rank: int = 0, world_size: int = 1) -> Transformer:
     """Build the model on the meta device and assign the mmapped weights (no second copy in RAM).
 
     A quantized checkpoint (config.json's `quantization`) gets quantized Linear layers before the weights are
-    assigned; int4 weights are packed for `device` last.
+    assigned; int4 weights are packed for `device` last. world_size > 1 loads tensor-parallel shard `rank` (tp.py),
+    reading only that shard's bytes.
     """
     weights = resolve_checkpoint(path)
     args = ModelArgs.load(weights.parent / "config.json")
@@ -55,6 +57,11 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device, None] = 
     if missing or unexpected:
         raise ValueError(f"{weights}: weights do not match config.json: missing {sorted(missing)[:8]}, "
                          f"unexpected {sorted(unexpected)[:8]}")
+    if world_size > 1:
+        # Each rank gets its own slice of a tied output layer: the embedding stays whole.
+        state = shard_model(model, {**state, "output.weight": state["tok_embeddings.weight"]} if tied else state,
+                            rank, world_size)
+        tied = False
     model.load_state_dict(state, assign=True, strict=False)
     if tied:
         model.tie_weights()

@@ -1,6 +1,10 @@
 """Generate text from a converted checkpoint, like gpt-fast's generate.py.
 
     python -m gpt_fast.generate --checkpoint checkpoints/tiny --prompt "The capital of France" --max-new-tokens 50
+
+Tensor parallel over N GPUs (or N CPU processes), rank 0 prints:
+
+    torchrun --standalone --nproc-per-node N -m gpt_fast.generate --checkpoint ... --prompt ...
 """
 import argparse
 import json
@@ -10,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import tp
 from .checkpoint import DTYPES, default_device, load_model, resolve_checkpoint
 from .engine import Engine, default_max_seq_len
 from .quantized import quantize_model
@@ -47,18 +52,21 @@ def main(argv: list[str] | None = None) -> None:
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed, stop=tuple(a.stop))
         weights = resolve_checkpoint(a.checkpoint)
-        device = torch.device(a.device or default_device())
+        device = tp.setup(torch.device(a.device or default_device()))
         t0 = time.perf_counter()
-        model = load_model(weights, device=device, dtype=DTYPES.get(a.dtype))
+        model = load_model(weights, device=device, dtype=DTYPES.get(a.dtype), rank=tp.rank(),
+                           world_size=tp.world_size())
         tokenizer = load_tokenizer(weights.parent, model.args.tokenizer, model.args.stop_token_ids)
         draft = None
         if a.draft_checkpoint:
-            draft = load_model(resolve_checkpoint(a.draft_checkpoint), device=device, dtype=DTYPES.get(a.dtype))
+            draft = load_model(resolve_checkpoint(a.draft_checkpoint), device=device, dtype=DTYPES.get(a.dtype),
+                               rank=tp.rank(), world_size=tp.world_size())
             if a.draft_quantize:
                 quantize_model(draft, a.draft_quantize)
         engine = Engine(model, tokenizer, max_batch_size=1,
                         max_seq_len=a.max_seq_len or default_max_seq_len(model.args), compile=a.compile,
-                        speculate=speculate, speculate_k=a.speculate_k, draft_model=draft)
+                        speculate=speculate, speculate_k=a.speculate_k, draft_model=draft,
+                        seed=tp.shared_seed())  # under torchrun, every rank samples with the same seeds
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         if a.compile:
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
+    show = tp.rank() == 0  # every rank generates the same tokens
     tokens: list[int] = []
     text = []
     t0 = time.perf_counter()
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             tokens += out.token_ids
             text.append(out.text)
             last = out
-            if not a.json:
+            if show and not a.json:
                 print(out.text, end="", flush=True)
         if first is None:
             first = time.perf_counter()
@@ -94,12 +103,13 @@ def main(argv: list[str] | None = None) -> None:
         # Mean accepted length: draft tokens the target accepted per verify pass.
         stats.update(speculate=speculate, draft_tokens=last.draft_tokens, accepted_tokens=last.accepted_tokens,
                      mean_accepted=last.accepted_tokens / max(last.draft_passes, 1))
-    if a.json:
+    if show and a.json:
         print(json.dumps(stats))
-    else:
+    elif show:
+        ranks = f", {tp.world_size()} ranks" if tp.world_size() > 1 else ""
         print(f"\n\n{len(tokens)} tokens, {tps:.1f} tokens/s, {stats['bandwidth_gbs']:.2f} GB/s, "
               f"first token {stats['time_to_first_token_s'] * 1e3:.0f} ms, load {load_s:.1f} s, "
-              f"compile {compile_s:.1f} s ({device}, {stats['dtype']})", file=sys.stderr)
+              f"compile {compile_s:.1f} s ({device}, {stats['dtype']}{ranks})", file=sys.stderr)
         if speculate:
             print(f"speculative ({speculate}, k={a.speculate_k}): mean accepted length {stats['mean_accepted']:.2f}, "
                   f"{last.accepted_tokens}/{last.draft_tokens} drafts accepted", file=sys.stderr)

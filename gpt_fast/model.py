@@ -205,8 +205,9 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads,
-                                               self.args.head_dim, weight.dtype, weight.device)
+            attention = layer.attention  # its kv heads: a tensor-parallel rank holds only its share
+            attention.kv_cache = KVCache(max_batch_size, max_seq_len, attention.n_kv_heads, attention.head_dim,
+                                         weight.dtype, weight.device)
         freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_inv_freq(self.args))
         emb = torch.cat((freqs, freqs), dim=-1).to(weight.device)
         self.register_buffer("rope_cos", emb.cos(), persistent=False)

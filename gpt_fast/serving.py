@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from . import tp
 from .checkpoint import DTYPES
 from .config import quantization_scheme
 from .engine import SPECULATE_MODES, Engine, PromptTooLongError
@@ -278,11 +279,15 @@ class ServingLoop:
                  emit: Emit = lambda name, value, **labels: None):
         self.engine, self.tokenizer, self.defaults, self.emit = engine, tokenizer, defaults, emit
         self.tracked: dict[str, _Tracked] = {}
-        # One thread runs every engine step and the warm-up: CUDA graphs are recorded per thread.
-        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        # One thread runs every engine step and the warm-up: CUDA graphs are recorded per thread, and so is
+        # CUDA's current device (which compiled graphs and NCCL use).
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=_use_device,
+                                                 initargs=(engine.device,))
         self._running: Optional[Future] = None  # the steps started by the previous call
         self._collecting = threading.Event()  # tells the running steps to finish
         self._active_slots = -1
+        # Under tensor parallelism each step is a round of collectives: every rank must run the same steps.
+        self._tensor_parallel = tp.world_size() > 1
 
     def warmup(self) -> None:
         self._engine_thread.submit(self.engine.warmup).result()
@@ -300,12 +305,16 @@ class ServingLoop:
 
     def _advance(self, batch: list[tuple[str, Any]]) -> list[Reply]:
         outputs, done = self._collect()
-        present = {rid for rid, _ in batch}
+        # Under tensor parallelism every rank serves rank 0's batch. TorchServe 0.12 writes a call to the other
+        # ranks asynchronously, possibly after rank 0's reply has marked a new request as delivered: they may
+        # get it without its body.
+        served = tp.rank0_object(batch) if self._tensor_parallel else batch
+        present = {rid for rid, _ in served}
         for rid in [rid for rid in self.tracked if rid not in present]:
             self._cancel(rid)  # the frontend dropped it: the client went away
         replies = {out.request_id: self._reply(out, done) for out in outputs if out.request_id in self.tracked}
         now = time.perf_counter()
-        for rid, body in batch:
+        for rid, body in served:
             if rid not in self.tracked and rid not in replies:
                 try:
                     stream = self._admit(rid, body, now)
@@ -318,7 +327,7 @@ class ServingLoop:
             self.emit(ACTIVE_SLOTS, self._active_slots)
         if self.engine.num_active:
             self._running = self._engine_thread.submit(self._engine_steps)
-        # Requests still waiting for a slot have nothing to say yet.
+        # Requests still waiting for a slot have nothing to say yet. (Only rank 0's replies are sent.)
         return [replies.get(rid) or Reply(b"", finished=False, first=False) for rid, _ in batch]
 
     def _engine_steps(self) -> tuple[list[StepOutput], float]:
@@ -328,9 +337,19 @@ class ServingLoop:
             for out in self.engine.step():
                 earlier = merged.get(out.request_id)
                 merged[out.request_id] = earlier.followed_by(out) if earlier else out
-            if self._collecting.is_set() or not self.engine.num_active:
+            if not self.engine.num_active or self._stop_stepping():
                 break
         return list(merged.values()), time.perf_counter()
+
+    def _stop_stepping(self) -> bool:
+        """Whether the next call is collecting; under tensor parallelism, whether rank 0's is.
+
+        Every rank gets the same calls, but at its own times, so rank 0 alone decides when the steps stop:
+        every rank then answers each call with the same steps' outputs.
+        """
+        if self._tensor_parallel:
+            return tp.rank0_flag(self._collecting.is_set())
+        return self._collecting.is_set()
 
     def _collect(self, raise_errors: bool = True) -> tuple[list[StepOutput], float]:
         """Stop the steps the previous call started; their outputs and when they finished."""
@@ -394,3 +413,8 @@ class ServingLoop:
         self.emit(REQUESTS_FINISHED, 1, reason=reason)
         if tracked.draft_tokens:
             self.emit(ACCEPTANCE_RATE, tracked.accepted_tokens / tracked.draft_tokens)
+
+
+def _use_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)

@@ -3,19 +3,23 @@
     python scripts/bench.py --shape stories110M --device cpu --dtype bfloat16 float32 --compile both
     python scripts/bench.py --shape stories110M --dtype bfloat16 --quantize none int8 int4 --compile compiled
     python scripts/bench.py --checkpoint checkpoints/tiny --json bench_results/tiny.json
+    torchrun --standalone --nproc-per-node 2 scripts/bench.py --shape stories110M --no-hf  # tensor parallel
 
 Runs Hugging Face transformers eager on the same shape too (when installed) as the side-by-side reference.
 """
 import argparse
 import json
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpt_fast import tp  # noqa: E402
 from gpt_fast.checkpoint import DTYPES, load_model  # noqa: E402
 from gpt_fast.config import NAMED_SHAPES, ModelArgs, scheme_name  # noqa: E402
 from gpt_fast.engine import Engine  # noqa: E402
@@ -65,6 +69,22 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> T
         p.data.normal_(0, 0.02)
     model.tie_weights()
     return model.eval().requires_grad_(False)
+
+
+def sharded_random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """Under torchrun: rank 0 saves the random model as a checkpoint, and each rank loads its shard of it."""
+    directory = Path(tp.rank0_object(tempfile.mkdtemp(prefix="bench-tp-") if tp.rank() == 0 else None))
+    if tp.rank() == 0:
+        state = random_model(args, torch.device("cpu"), dtype).state_dict()
+        torch.save({k: v for k, v in state.items() if not (args.tie_embeddings and k == "output.weight")},
+                   directory / "model.pth")
+        args.save(directory / "config.json")
+    tp.rank0_object(None)  # the files are written
+    model = load_model(directory, device, dtype, tp.rank(), tp.world_size())
+    tp.rank0_object(None)  # every rank has mapped them
+    if tp.rank() == 0:
+        shutil.rmtree(directory)
+    return model
 
 
 def bench_engine(model: Transformer, tokenizer, prompt_len: int, new_tokens: int, compile: bool,
@@ -139,7 +159,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     ap.add_argument("--json", type=Path, default=Path("bench_results/bench.json"))
     a = ap.parse_args()
-    device = torch.device(a.device)
+    device = tp.setup(torch.device(a.device))
+    ranks = f", {tp.world_size()} ranks" if tp.world_size() > 1 else ""
     limit = read_bandwidth(device)
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[a.compile]
     rows = []
@@ -147,8 +168,11 @@ def main() -> None:
         dtype = DTYPES[dtype_name]
         for quant in a.quantize:
             if a.checkpoint:
-                model = load_model(a.checkpoint, device=device, dtype=dtype)
+                model = load_model(a.checkpoint, device, dtype, tp.rank(), tp.world_size())
                 tokenizer = load_tokenizer(Path(a.checkpoint), model.args.tokenizer, model.args.stop_token_ids)
+            elif ranks:
+                model = sharded_random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device, dtype)
+                tokenizer = NoTextTokenizer()
             else:
                 model = random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device, dtype)
                 tokenizer = NoTextTokenizer()
@@ -156,10 +180,10 @@ def main() -> None:
                 quantize_model(model, quant, a.groupsize if quant == "int4" else None)
             weights = scheme_name(model.args.quantization)
             bytes_per_token = model.args.weight_bytes(torch.finfo(dtype).bits / 8)
-            runners = [(f"gpt-fast-serve {'compiled' if c else 'eager'}",
+            runners = [(f"gpt-fast-serve {'compiled' if c else 'eager'}{ranks}",
                         lambda c=c: bench_engine(model, tokenizer, a.prompt_len, a.new_tokens, c, device))
                        for c in modes]
-            if not a.no_hf and a.shape and quant == "none":
+            if not a.no_hf and a.shape and quant == "none" and not ranks:
                 try:
                     import transformers  # noqa: F401
                     runners.append(("transformers eager",
@@ -172,8 +196,11 @@ def main() -> None:
                          bandwidth_gbs=bytes_per_token * r["tokens_per_s"] / 1e9)
                 r["of_limit"] = r["bandwidth_gbs"] * 1e9 / limit
                 rows.append(r)
-                print(f"  {name:28s} {dtype_name:9s} {weights:11s} {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
+                if tp.rank() == 0:
+                    print(f"  {name:28s} {dtype_name:9s} {weights:11s} {r['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
             del model
+    if tp.rank() != 0:  # every rank ran the same steps; rank 0 reports
+        return
     print(f"\n{a.shape or a.checkpoint} on {device} ({platform.processor() or platform.machine()}), torch "
           f"{torch.__version__}, batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens; "
           f"read bandwidth limit {limit / 1e9:.1f} GB/s")
