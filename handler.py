@@ -19,8 +19,9 @@ from gpt_fast.checkpoint import load_model, resolve_checkpoint
 from gpt_fast.config import scheme_name
 from gpt_fast.engine import Engine, default_max_seq_len
 from gpt_fast.quantized import quantize_model
-from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, REQUESTS_FINISHED,
-                              TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, ServingLoop)
+from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, PREFIX_CACHE_BLOCKS,
+                              PREFIX_CACHE_SAVED_TOKENS, REQUESTS_FINISHED, TIME_TO_FIRST_TOKEN, HandlerConfig, Reply,
+                              ServingLoop)
 from gpt_fast.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ METRICS = {
     GENERATED_TOKENS: (MetricTypes.COUNTER, "count", []),
     REQUESTS_FINISHED: (MetricTypes.COUNTER, "count", ["Reason"]),
     ACTIVE_SLOTS: (MetricTypes.GAUGE, "count", []),
+    PREFIX_CACHE_BLOCKS: (MetricTypes.COUNTER, "count", ["Event"]),
+    PREFIX_CACHE_SAVED_TOKENS: (MetricTypes.COUNTER, "count", []),
 }
 
 
@@ -51,11 +54,19 @@ class GptFastHandler:
                     model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization), loaded - start,
                     torch.get_num_threads())
         max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
-        engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile)
+        compile_cache = config.compile_cache_path(props["model_dir"])
+        if compile_cache:  # read by inductor at each compile: kernels compiled by an earlier start are reused
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
+        engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile,
+                        prefix_cache_bytes=config.prefix_cache_bytes())
         self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))
         self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
-        logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s", config.compile,
-                    config.max_batch_size, max_seq_len, time.perf_counter() - loaded)
+        cache_hits = torch._dynamo.utils.counters["inductor"]
+        logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s; compile cache %s: "
+                    "%d graphs reused, %d compiled; prefix cache %d blocks", config.compile, config.max_batch_size,
+                    max_seq_len, time.perf_counter() - loaded, os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+                    cache_hits["fxgraph_cache_hit"], cache_hits["fxgraph_cache_miss"],
+                    engine.prefix_cache.num_blocks if engine.prefix_cache else 0)
 
     def handle(self, data: list[dict], ctx) -> list[bytes]:
         batch = [(ctx.request_ids[i], _body(item)) for i, item in enumerate(data)]

@@ -2,6 +2,9 @@
 
 Active requests always occupy slots 0..n-1 (a finished request's slot is filled by moving the last one
 into it), so a decode step reads the cache prefix in place, and runs at the smallest batch bucket >= n.
+One admitted request at a time is being prefilled, in slot n. While others decode, a step prefills at most
+PREFILL_TOKENS_PER_STEP prompt tokens, so a long prompt joining a busy batch is prefilled in chunks between
+decode steps instead of stalling every running stream for the whole prompt.
 """
 import random
 from collections import deque
@@ -13,6 +16,7 @@ from torch import Tensor
 
 from .config import ModelArgs
 from .model import Transformer
+from .prefix_cache import PrefixCache
 from .request import Request, StepOutput
 from .sampling import SamplingParams, greedy_sample, sample
 from .tokenizer import Tokenizer
@@ -21,6 +25,7 @@ PREFILL_BUCKETS = (16, 64, 256, 1024)
 # Decode attends to a cache prefix of one of these lengths (doubling from 256 up to max_seq_len), so a short
 # sequence does not read the whole static cache every step.
 MIN_KV_BUCKET = 256
+PREFILL_TOKENS_PER_STEP = 256
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
@@ -39,6 +44,7 @@ class Completion:
     text: str
     finish_reason: str
     prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose keys and values came from the prefix cache
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -63,7 +69,7 @@ def _bucket(buckets: Sequence[int], n: int) -> int:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int, max_seq_len: int,
-                 compile: bool = False, seed: Optional[int] = None):
+                 compile: bool = False, seed: Optional[int] = None, prefix_cache_bytes: int = 0):
         if max_seq_len > model.args.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
                              f"{model.args.max_position_embeddings}")
@@ -75,11 +81,18 @@ class Engine:
         self.kv_buckets = kv_buckets(max_seq_len)
         self.prefill_buckets = prefill_buckets(max_seq_len)
         self.waiting: deque[Request] = deque()
-        self.active: list[Request] = []  # active[i].slot == i
+        self.active: list[Request] = []  # decoding; active[i].slot == i
+        self.prefilling: Optional[Request] = None  # admitted, prompt partly in its slot (len(self.active))
+        # Built after every cached model has its KV cache: the pool holds each one's keys and values.
+        self.prefix_cache = PrefixCache(self._cached_models(), prefix_cache_bytes) if prefix_cache_bytes else None
         self._rng = random.Random(seed)  # seeds for requests that bring none
         self._decode, self._prefill_logits = self._decode_logits, model
         if compile:
             self._compile()
+
+    def _cached_models(self) -> list[Transformer]:
+        """The models whose KV caches hold each request's sequence: filled, moved and prefix-cached together."""
+        return [self.model]
 
     def _decode_logits(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
         return self.model(tokens, positions, kv_len=kv_len)[:, 0]
@@ -105,7 +118,7 @@ class Engine:
 
     @property
     def num_active(self) -> int:
-        return len(self.active) + len(self.waiting)
+        return len(self.active) + len(self.waiting) + (self.prefilling is not None)
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; it is prefilled at the next step() with a free slot."""
@@ -114,7 +127,8 @@ class Engine:
         if len(prompt_ids) >= self.max_seq_len:
             raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens but the context holds "
                                      f"{self.max_seq_len} (at most {self.max_seq_len - 1} prompt tokens)")
-        if any(r.request_id == request_id for r in (*self.active, *self.waiting)):
+        in_flight = [*self.active, *self.waiting] + ([self.prefilling] if self.prefilling else [])
+        if any(r.request_id == request_id for r in in_flight):
             raise ValueError(f"request id {request_id!r} is already in flight")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         self.waiting.append(Request(request_id, list(prompt_ids), params, seed, self.tokenizer))
@@ -122,20 +136,32 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Forget a request at once and free its slot (the client went away)."""
         self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+        if self.prefilling is not None and self.prefilling.request_id == request_id:
+            self.prefilling = None
         for i, req in enumerate(self.active):
             if req.request_id == request_id:
                 self._free(i)
                 return
 
     def step(self) -> list[StepOutput]:
-        """One decode step for running requests, then prefill of newly admitted ones (their first token)."""
-        outputs = self._decode_step(self.active) if self.active else []
+        """One decode step for running requests, then prefill of admitted ones: all of it when nothing was
+        decoding, else at most PREFILL_TOKENS_PER_STEP prompt tokens. A prompt prefilled to its end yields its
+        first token."""
+        decoding = bool(self.active)
+        outputs = self._decode_step(self.active) if decoding else []
         self._retire()
-        while self.waiting and len(self.active) < self.max_batch_size:
-            req = self.waiting.popleft()
-            req.slot = len(self.active)
-            self.active.append(req)
-            outputs.append(self._prefill(req))
+        budget = PREFILL_TOKENS_PER_STEP if decoding else self.max_seq_len
+        while budget > 0 and self._admit():
+            req = self.prefilling
+            end = min(len(req.prompt_ids), req.prefilled + budget)
+            budget -= end - req.prefilled
+            logits = self._prefill(req, end)
+            if end == len(req.prompt_ids):
+                self.prefilling = None
+                self.active.append(req)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(req.prompt_ids, req.slot)
+                outputs.append(req.append(self._pick([req], logits), self.max_seq_len))
         self._retire()
         return outputs
 
@@ -151,7 +177,8 @@ class Engine:
             for out in self.step():
                 done[out.request_id].append(out)
         return [Completion(tokens=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
-                           finish_reason=outs[-1].finish_reason, prompt_tokens=outs[-1].prompt_tokens)
+                           finish_reason=outs[-1].finish_reason, prompt_tokens=outs[-1].prompt_tokens,
+                           cached_tokens=outs[-1].cached_tokens)
                 for outs in done.values()]
 
     def warmup(self) -> None:
@@ -180,16 +207,26 @@ class Engine:
         next_ids = self._pick(reqs, logits)
         return [r.append([t], self.max_seq_len) for r, t in zip(reqs, next_ids)]
 
-    def _prefill(self, req: Request) -> StepOutput:
+    def _admit(self) -> bool:
+        """Make sure a request is being prefilled (the next waiting one, if a slot is free); False if none."""
+        if self.prefilling is None and self.waiting and len(self.active) < self.max_batch_size:
+            req = self.prefilling = self.waiting.popleft()
+            req.slot = len(self.active)
+            if self.prefix_cache is not None:
+                req.cached_tokens = req.prefilled = self.prefix_cache.load(req.prompt_ids, req.slot)
+        return self.prefilling is not None
+
+    def _prefill(self, req: Request, end: int) -> Tensor:
+        """Prefill prompt tokens req.prefilled..end-1; logits [1, V] of the last one."""
         chunk = self.prefill_buckets[-1]
-        prompt = req.prompt_ids
-        for start in range(0, len(prompt), chunk):
-            part = prompt[start:start + chunk]
+        for start in range(req.prefilled, end, chunk):
+            part = req.prompt_ids[start:min(start + chunk, end)]
             pad = _bucket(self.prefill_buckets, len(part)) - len(part)
             positions = list(range(start, start + len(part))) + [-1] * pad
             logits = self._prefill_logits(self._tensor([part + [0] * pad]), self._tensor([positions]),
                                           self._tensor([req.slot]), self._tensor([len(part) - 1]))
-        return req.append(self._pick([req], logits), self.max_seq_len)
+        req.prefilled = end
+        return logits
 
     def _pick(self, reqs: list[Request], logits: Tensor) -> list[int]:
         """Sample one token per request from logits [B >= len(reqs), V]; one host sync for the batch."""
@@ -219,6 +256,12 @@ class Engine:
     def _free(self, index: int) -> None:
         last = self.active.pop()
         if index < len(self.active):
-            self.model.copy_slot(last.slot, index)
-            last.slot = index
+            self._move_slot(last, index)
             self.active[index] = last
+        if self.prefilling is not None and self.prefilling.slot > len(self.active):
+            self._move_slot(self.prefilling, len(self.active))
+
+    def _move_slot(self, req: Request, slot: int) -> None:
+        for model in self._cached_models():
+            model.copy_slot(req.slot, slot)
+        req.slot = slot

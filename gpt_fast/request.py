@@ -17,11 +17,12 @@ class StepOutput:
     finish_reason: Optional[str]  # "stop" | "length" | None while running
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     def followed_by(self, later: "StepOutput") -> "StepOutput":
         """This step's output and a later step's, as one."""
         return StepOutput(self.request_id, self.token_ids + later.token_ids, self.text + later.text, later.finished,
-                          later.finish_reason, later.prompt_tokens, later.completion_tokens)
+                          later.finish_reason, later.prompt_tokens, later.completion_tokens, later.cached_tokens)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Request:
     seed: int
     tokenizer: Tokenizer
     slot: int = -1
+    prefilled: int = 0  # prompt tokens whose keys and values are in the slot
+    cached_tokens: int = 0  # of those, copied from the prefix cache
     generated: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     _held: str = ""  # text that may be the start of a stop string, not yet shown
@@ -68,7 +71,7 @@ class Request:
         if self.finished and not self._stopped_by_string:
             text += self._release(self._detok.flush(), final=True)
         return StepOutput(self.request_id, new, text, self.finished, self.finish_reason,
-                          len(self.prompt_ids), len(self.generated))
+                          len(self.prompt_ids), len(self.generated), self.cached_tokens)
 
     def _release(self, delta: str, final: bool = False) -> str:
         """Return the text safe to show; hold back a tail that could still grow into a stop string."""

@@ -9,7 +9,7 @@ import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -18,6 +18,7 @@ import torch
 from .checkpoint import DTYPES
 from .config import quantization_scheme
 from .engine import Engine, PromptTooLongError
+from .prefix_cache import PrefixCacheStats
 from .request import StepOutput
 from .sampling import InvalidParam, SamplingParams
 from .tokenizer import Tokenizer
@@ -34,6 +35,8 @@ INTER_TOKEN_LATENCY = "gpt_fast_inter_token_latency_seconds"
 GENERATED_TOKENS = "gpt_fast_generated_tokens_total"
 REQUESTS_FINISHED = "gpt_fast_requests_finished_total"
 ACTIVE_SLOTS = "gpt_fast_active_slots"
+PREFIX_CACHE_BLOCKS = "gpt_fast_prefix_cache_blocks_total"  # event: hit | miss | evicted
+PREFIX_CACHE_SAVED_TOKENS = "gpt_fast_prefix_cache_saved_tokens_total"
 
 
 @dataclass
@@ -45,6 +48,11 @@ class HandlerConfig:
     compile: bool = True
     max_batch_size: Optional[int] = None  # None: the frontend's batchSize
     max_seq_len: Optional[int] = None  # None: min(2048, the model's max_position_embeddings)
+    # Memory for cached prompt prefixes (keys and values), in MiB; 0 turns prefix caching off.
+    prefix_cache_mb: float = 0
+    # Where compiled kernels are cached between starts (TORCHINDUCTOR_CACHE_DIR), relative to the model dir or
+    # absolute; None: torch's default, /tmp/torchinductor_<user>.
+    compile_cache_dir: Optional[str] = None
     # Defaults for requests that leave these out.
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -88,6 +96,8 @@ class HandlerConfig:
             raise ValueError(f"handler.max_batch_size: {self.max_batch_size} is not >= 1")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"handler.max_seq_len: {self.max_seq_len} is not >= 2")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"handler.prefix_cache_mb: {self.prefix_cache_mb} is not >= 0")
         if self.quantize is not None:
             try:
                 quantization_scheme(self.quantize, self.groupsize)
@@ -109,6 +119,12 @@ class HandlerConfig:
     def checkpoint_path(self, model_dir: Union[str, Path]) -> Path:
         return Path(model_dir) / self.checkpoint  # an absolute checkpoint replaces model_dir
 
+    def compile_cache_path(self, model_dir: Union[str, Path]) -> Optional[Path]:
+        return Path(model_dir) / self.compile_cache_dir if self.compile_cache_dir else None
+
+    def prefix_cache_bytes(self) -> int:
+        return int(self.prefix_cache_mb * 2**20)
+
     def torch_device(self, gpu_id: Optional[int]) -> torch.device:
         """The GPU TorchServe assigned when there is one, else the CPU (no CUDA call on the CPU path)."""
         if self.device == "cpu" or (self.device == "auto" and gpu_id is None):
@@ -125,6 +141,7 @@ class HandlerConfig:
 
 # Types of the HandlerConfig fields that are not strings.
 _CONFIG_TYPES = {"compile": bool, "max_batch_size": int, "max_seq_len": (int, type(None)), "max_new_tokens": int,
+                 "prefix_cache_mb": float, "compile_cache_dir": (str, type(None)),
                  "top_k": int, "speculate_k": int, "temperature": float, "top_p": float, "stop": tuple,
                  "draft_checkpoint": (str, type(None)), "quantize": (str, type(None)),
                  "groupsize": (int, type(None))}
@@ -260,6 +277,7 @@ class ServingLoop:
         self._running: Optional[Future] = None  # the steps started by the previous call
         self._collecting = threading.Event()  # tells the running steps to finish
         self._active_slots = -1
+        self._prefix_stats_sent = PrefixCacheStats()
 
     def warmup(self) -> None:
         self._engine_thread.submit(self.engine.warmup).result()
@@ -293,10 +311,24 @@ class ServingLoop:
         if self.engine.num_active != self._active_slots:
             self._active_slots = self.engine.num_active
             self.emit(ACTIVE_SLOTS, self._active_slots)
+        if self.engine.prefix_cache is not None:
+            self._emit_prefix_stats(self.engine.prefix_cache.stats)
         if self.engine.num_active:
             self._running = self._engine_thread.submit(self._engine_steps)
         # Requests still waiting for a slot have nothing to say yet.
         return [replies.get(rid) or Reply(b"", finished=False, first=False) for rid, _ in batch]
+
+    def _emit_prefix_stats(self, stats: PrefixCacheStats) -> None:
+        """What changed since the last call (the engine thread is not running)."""
+        sent = self._prefix_stats_sent
+        for event, now, before in (("hit", stats.hit_blocks, sent.hit_blocks),
+                                   ("miss", stats.miss_blocks, sent.miss_blocks),
+                                   ("evicted", stats.evicted_blocks, sent.evicted_blocks)):
+            if now > before:
+                self.emit(PREFIX_CACHE_BLOCKS, now - before, event=event)
+        if stats.saved_tokens > sent.saved_tokens:
+            self.emit(PREFIX_CACHE_SAVED_TOKENS, stats.saved_tokens - sent.saved_tokens)
+        self._prefix_stats_sent = replace(stats)
 
     def _engine_steps(self) -> tuple[list[StepOutput], float]:
         """Step until the next call collects (at least once); one merged output per request."""
@@ -353,7 +385,8 @@ class ServingLoop:
         if not out.finished:
             return Reply(b"", finished=False, first=False)
         answer = {"text": "".join(tracked.text), "finish_reason": out.finish_reason,
-                  "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}}
+                  "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                            "cached_tokens": out.cached_tokens}}
         return Reply(json.dumps(answer).encode(), finished=True, first=False, content_type=JSON)
 
     def _cancel(self, rid: str) -> None:
