@@ -37,11 +37,19 @@ class LocalServer:
                               capture_output=True, text=True, timeout=timeout)
 
     def archive_and_start(self, checkpoint: Path, config: Path) -> None:
-        for args in (("archive.sh", str(checkpoint), "--name", self.name, "--config", str(config)),
-                     ("serve.sh", "start")):
-            done = self.script(*args, timeout=3600)
-            if done.returncode:
-                raise RuntimeError(f"{args[0]} failed:\n{done.stdout}{done.stderr}")
+        self.archive(checkpoint, config)
+        self.start()
+
+    def archive(self, checkpoint: Path, config: Path) -> None:
+        self._run("archive.sh", str(checkpoint), "--name", self.name, "--config", str(config))
+
+    def start(self) -> None:
+        self._run("serve.sh", "start")
+
+    def _run(self, *args: str) -> None:
+        done = self.script(*args, timeout=3600)
+        if done.returncode:
+            raise RuntimeError(f"{args[0]} failed:\n{done.stdout}{done.stderr}")
 
     def stop(self) -> subprocess.CompletedProcess:
         return self.script("serve.sh", "stop")
