@@ -24,7 +24,7 @@ BLOCK_SIZE = 16
 
 @dataclass
 class _Block:
-    index: int  # row in the pool
+    row: int  # in the pool
     parent: bytes  # key of the block before it (b"" for the first)
     token_ids: tuple[int, ...]
 
@@ -52,6 +52,8 @@ def _caches(model: Transformer) -> list[KVCache]:
 
 
 class PrefixCache:
+    """Cached prompt blocks of `models` (their KV caches must be set up), in at most budget_bytes."""
+
     def __init__(self, models: list[Transformer], budget_bytes: int):
         self.models = models
         per_block = sum(2 * len(m.layers) * _caches(m)[0].k_cache[0, :, :BLOCK_SIZE].nbytes for m in models)
@@ -77,7 +79,7 @@ class PrefixCache:
         self.stats.miss_blocks += eligible - hits
         self.stats.saved_tokens += hits * BLOCK_SIZE
         if hits:
-            self._copy(list(range(hits)), [self.blocks[key].index for key in keys[:hits]], slot, into_slot=True)
+            self._copy(list(range(hits)), [self.blocks[key].row for key in keys[:hits]], slot, into_slot=True)
             self._touch(keys[:hits])
         return hits * BLOCK_SIZE
 
@@ -115,7 +117,7 @@ class PrefixCache:
         if victim is None:
             return None
         self.stats.evicted_blocks += 1
-        return self.blocks.pop(victim).index
+        return self.blocks.pop(victim).row
 
     def _touch(self, keys: list[bytes]) -> None:
         # Last block first, so a shared first block is the most recently used and is evicted after its children.
