@@ -53,7 +53,7 @@ class HandlerConfig:
     # Memory for cached prompt prefixes (keys and values), in MiB; 0 turns prefix caching off.
     prefix_cache_mb: float = 0
     # Where compiled kernels are cached between starts (TORCHINDUCTOR_CACHE_DIR), relative to the model dir or
-    # absolute; None: torch's default, /tmp/torchinductor_<user>.
+    # absolute; None: torch's default, $TMPDIR/torchinductor_<user> (scripts/serve.sh's TMPDIR is build/serve/).
     compile_cache_dir: Optional[str] = None
     # Defaults for requests that leave these out.
     max_new_tokens: int = 256
