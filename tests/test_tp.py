@@ -129,7 +129,14 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, tuple[str, str]]
 def ranks(checkpoints, tmp_path_factory) -> list[dict]:
     """What each of 2 ranks computed for every checkpoint (one spawn for all: starting ranks costs seconds)."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(rank_main, args=(free_port(), list(checkpoints.values()), str(out)), nprocs=WORLD)
+    spawned = mp.spawn(rank_main, args=(free_port(), list(checkpoints.values()), str(out)), nprocs=WORLD,
+                       join=False)
+    deadline = time.monotonic() + 600
+    while not spawned.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:  # ranks out of step wait for each other until gloo's 30 min timeout
+            for process in spawned.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish within 600 s")
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -215,9 +222,9 @@ def test_torchrun_generate_prints_once_and_matches(tiny_checkpoint):
     args = ["--checkpoint", str(tiny_checkpoint), "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--device", "cpu",
             "--dtype", "float32", "--json"]
     one = subprocess.run([sys.executable, "-m", "gpt_fast.generate", *args], capture_output=True, text=True,
-                         check=True)
+                         check=True, timeout=300)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-                          "-m", "gpt_fast.generate", *args], capture_output=True, text=True)
+                          "-m", "gpt_fast.generate", *args], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     lines = two.stdout.splitlines()
     assert len(lines) == 1  # rank 0 alone prints
