@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -19,9 +20,10 @@ from gpt_fast import tp
 from gpt_fast.checkpoint import load_model, resolve_checkpoint
 from gpt_fast.config import scheme_name
 from gpt_fast.engine import Engine, default_max_seq_len
+from gpt_fast.model import Transformer
 from gpt_fast.quantized import quantize_model
-from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, REQUESTS_FINISHED,
-                              TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, ServingLoop)
+from gpt_fast.serving import (ACCEPTANCE_RATE, ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY,
+                              REQUESTS_FINISHED, TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, ServingLoop)
 from gpt_fast.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 METRICS = {
     TIME_TO_FIRST_TOKEN: (MetricTypes.HISTOGRAM, "s", []),
     INTER_TOKEN_LATENCY: (MetricTypes.HISTOGRAM, "s", []),
+    ACCEPTANCE_RATE: (MetricTypes.HISTOGRAM, "ratio", []),
     GENERATED_TOKENS: (MetricTypes.COUNTER, "count", []),
     REQUESTS_FINISHED: (MetricTypes.COUNTER, "count", ["Reason"]),
     ACTIVE_SLOTS: (MetricTypes.GAUGE, "count", []),
@@ -44,18 +47,21 @@ class GptFastHandler:
         device = tp.setup(config.torch_device(props.get("gpu_id")))
         checkpoint = resolve_checkpoint(config.checkpoint_path(props["model_dir"]))
         start = time.perf_counter()
-        model = load_model(checkpoint, device, config.torch_dtype(), tp.rank(), tp.world_size())
-        if config.quantize:
-            quantize_model(model, config.quantize, config.groupsize)
+        model = _load(checkpoint, device, config.torch_dtype(), config.quantize, config.groupsize)
         tokenizer = load_tokenizer(checkpoint.parent, model.args.tokenizer, model.args.stop_token_ids)
+        draft = None
+        if config.speculate == "draft":
+            draft = _load(resolve_checkpoint(config.draft_checkpoint_path(props["model_dir"])), device,
+                          config.torch_dtype(), config.draft_quantize, None)
         loaded = time.perf_counter()
-        logger.info("loaded %s on %s as %s (%s, tensor-parallel rank %d of %d) in %.1f s, %d CPU threads",
-                    checkpoint, device, model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization),
-                    tp.rank(), tp.world_size(), loaded - start, torch.get_num_threads())
+        logger.info("loaded in %.1f s on %s (tensor-parallel rank %d of %d), %d CPU threads; speculation: %s",
+                    loaded - start, device, tp.rank(), tp.world_size(), torch.get_num_threads(),
+                    config.speculate or "off")
         max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
         # Under tensor parallelism every rank must draw the same seeds for requests that bring none.
         engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile,
-                        seed=tp.shared_seed())
+                        seed=tp.shared_seed(), speculate=config.speculate, speculate_k=config.speculate_k,
+                        draft_model=draft)
         self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))
         self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
         logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s", config.compile,
@@ -70,6 +76,15 @@ class GptFastHandler:
                 ctx.set_response_content_type(i, reply.content_type)
         ctx.stopping_criteria = [_criterion(reply) for reply in replies]
         return [reply.body for reply in replies]
+
+
+def _load(checkpoint: Path, device: torch.device, dtype: Optional[torch.dtype], quantize: Optional[str],
+          groupsize: Optional[int]) -> Transformer:
+    model = load_model(checkpoint, device, dtype, tp.rank(), tp.world_size())  # under TP: this rank's shard
+    if quantize:
+        quantize_model(model, quantize, groupsize)
+    logger.info("%s: %s, %s", checkpoint, model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization))
+    return model
 
 
 def _body(item: dict) -> Any:

@@ -14,14 +14,13 @@ from torch import Tensor
 from .config import ModelArgs
 from .model import Transformer
 from .request import Request, StepOutput
-from .sampling import SamplingParams, greedy_sample, sample
+from .runner import ModelRunner, batch_buckets, bucket, kv_buckets
+from .sampling import RowSampling, SamplingParams, greedy_sample, sample
+from .speculative import Speculator
 from .tokenizer import Tokenizer
 
-PREFILL_BUCKETS = (16, 64, 256, 1024)
-# Decode attends to a cache prefix of one of these lengths (doubling from 256 up to max_seq_len), so a short
-# sequence does not read the whole static cache every step.
-MIN_KV_BUCKET = 256
 DEFAULT_MAX_SEQ_LEN = 2048
+SPECULATE_MODES = ("draft", "lookup")
 
 
 def default_max_seq_len(args: ModelArgs) -> int:
@@ -39,69 +38,47 @@ class Completion:
     text: str
     finish_reason: str
     prompt_tokens: int
-
-
-def batch_buckets(max_batch_size: int) -> list[int]:
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
-    return sizes + [max_batch_size]
-
-
-def kv_buckets(max_seq_len: int) -> list[int]:
-    sizes = []
-    while (MIN_KV_BUCKET << len(sizes)) < max_seq_len:
-        sizes.append(MIN_KV_BUCKET << len(sizes))
-    return sizes + [max_seq_len]
-
-
-def prefill_buckets(max_seq_len: int) -> list[int]:
-    return [b for b in PREFILL_BUCKETS if b < max_seq_len] + [min(max_seq_len, PREFILL_BUCKETS[-1])]
-
-
-def _bucket(buckets: Sequence[int], n: int) -> int:
-    return next(b for b in buckets if b >= n)
+    draft_passes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int, max_seq_len: int,
-                 compile: bool = False, seed: Optional[int] = None):
+                 compile: bool = False, seed: Optional[int] = None, speculate: Optional[str] = None,
+                 speculate_k: int = 4, draft_model: Optional[Transformer] = None):
+        """speculate: None, "draft" (draft_model proposes speculate_k tokens per step) or "lookup" (prompt lookup)."""
         if max_seq_len > model.args.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
                              f"{model.args.max_position_embeddings}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = model.tok_embeddings.weight.device
-        model.setup_caches(max_batch_size, max_seq_len)
+        self.runner = ModelRunner(model, max_batch_size, max_seq_len, compile)
         self.decode_buckets = batch_buckets(max_batch_size)
         self.kv_buckets = kv_buckets(max_seq_len)
-        self.prefill_buckets = prefill_buckets(max_seq_len)
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[i].slot == i
         self._rng = random.Random(seed)  # seeds for requests that bring none
-        self._decode, self._prefill_logits = self._decode_logits, model
-        if compile:
-            self._compile()
+        self.speculator = self._speculator(speculate, speculate_k, draft_model, compile)
 
-    def _decode_logits(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
-        return self.model(tokens, positions, kv_len=kv_len)[:, 0]
-
-    def _compile(self) -> None:
-        cuda = self.device.type == "cuda"
-        # Every bucket (batch x cache length for decode, prompt length for prefill) is its own static graph:
-        # allow them all. torch's compiler settings are per thread, so they travel with each call (the
-        # handler compiles and steps on its own engine thread).
-        dynamo = {"recompile_limit": 64, "accumulated_recompile_limit": 512}
-        inductor = {"coordinate_descent_tuning": True} if cuda else {}
-
-        def with_settings(fn):
-            def call(*args):
-                with torch._dynamo.config.patch(**dynamo), torch._inductor.config.patch(**inductor):
-                    return fn(*args)
-            return call
-
-        self._decode = with_settings(torch.compile(self._decode_logits, mode="reduce-overhead" if cuda else None,
-                                                   fullgraph=True, dynamic=False))
-        # Sampling stays eager: a handful of small kernels, not worth a compile per batch bucket.
-        self._prefill_logits = with_settings(torch.compile(self.model, fullgraph=True, dynamic=False))
+    def _speculator(self, mode: Optional[str], k: int, draft_model: Optional[Transformer],
+                    compile: bool) -> Optional[Speculator]:
+        if mode is None:
+            return None
+        if mode not in SPECULATE_MODES:
+            raise ValueError(f"speculate must be one of {SPECULATE_MODES}, got {mode!r}")
+        if mode == "lookup":
+            return Speculator(self.runner, None, k, self.max_seq_len)
+        if draft_model is None:
+            raise ValueError('speculate="draft" needs a draft model')
+        if draft_model.args.vocab_size != self.model.args.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft_model.args.vocab_size} tokens) differs from the "
+                             f"target's ({self.model.args.vocab_size}): they must share the tokenizer")
+        draft = ModelRunner(draft_model, self.max_batch_size, self.max_seq_len, compile)
+        cost = draft_model.args.weight_bytes(_element_size(draft_model)) / \
+            self.model.args.weight_bytes(_element_size(self.model))
+        return Speculator(self.runner, draft, k, self.max_seq_len, draft_cost=cost)
 
     @property
     def num_active(self) -> int:
@@ -151,58 +128,56 @@ class Engine:
             for out in self.step():
                 done[out.request_id].append(out)
         return [Completion(tokens=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
-                           finish_reason=outs[-1].finish_reason, prompt_tokens=outs[-1].prompt_tokens)
+                           finish_reason=outs[-1].finish_reason, prompt_tokens=outs[-1].prompt_tokens,
+                           draft_passes=outs[-1].draft_passes, draft_tokens=outs[-1].draft_tokens,
+                           accepted_tokens=outs[-1].accepted_tokens)
                 for outs in done.values()]
 
     def warmup(self) -> None:
-        """Compile every decode/prefill bucket ahead of traffic; padding-only inputs leave the cache as is."""
-        # CUDA graphs are recorded on a shape's second run: run each decode bucket twice.
-        runs = 2 if self.device.type == "cuda" else 1
-        for batch in self.decode_buckets:
-            tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-            for kv_len in self.kv_buckets:
-                for _ in range(runs):
-                    self._decode(tokens, torch.full_like(tokens, -1), kv_len)
-        for length in self.prefill_buckets:
-            tokens = torch.zeros(1, length, dtype=torch.long, device=self.device)
-            # Distinct slot and logit_index tensors, as real calls pass: dynamo guards on aliasing.
-            self._prefill_logits(tokens, torch.full_like(tokens, -1), self._tensor([0]), self._tensor([0]))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        """Compile every shape bucket ahead of traffic; padding-only inputs leave the caches as they are."""
+        spec = self.speculator
+        widths = [1, spec.k + 1] if spec else [1]  # decode, and verify of the last token + k drafts
+        self.runner.warmup(self.decode_buckets, widths, self.kv_buckets)
+        if spec and spec.draft:
+            spec.draft.warmup(self.decode_buckets, [1, 2], self.kv_buckets)
 
     def _decode_step(self, reqs: list[Request]) -> list[StepOutput]:
-        n = len(reqs)
-        batch = _bucket(self.decode_buckets, n)
-        tokens = [r.generated[-1] for r in reqs] + [0] * (batch - n)
-        positions = [r.num_tokens - 1 for r in reqs] + [-1] * (batch - n)
-        kv_len = _bucket(self.kv_buckets, max(positions) + 1)
-        logits = self._decode(self._tensor(tokens)[:, None], self._tensor(positions)[:, None], kv_len)
-        next_ids = self._pick(reqs, logits)
-        return [r.append([t], self.max_seq_len) for r, t in zip(reqs, next_ids)]
+        batch = bucket(self.decode_buckets, len(reqs))
+        drafts = self.speculator.plan(reqs) if self.speculator else []
+        if any(drafts):
+            greedy = all(r.params.greedy for r in reqs)
+            new_tokens = self.speculator.step(reqs, drafts, batch, self.kv_buckets,
+                                              None if greedy else self._sampling(reqs, batch))
+        else:
+            tokens = [r.generated[-1] for r in reqs] + [0] * (batch - len(reqs))
+            positions = [r.num_tokens - 1 for r in reqs] + [-1] * (batch - len(reqs))
+            kv_len = bucket(self.kv_buckets, max(positions) + 1)
+            logits = self.runner.rows(self._tensor(tokens)[:, None], self._tensor(positions)[:, None], kv_len)
+            new_tokens = [[t] for t in self._pick(reqs, logits[:, 0])]
+        return [self._append(r, tokens) for r, tokens in zip(reqs, new_tokens)]
 
     def _prefill(self, req: Request) -> StepOutput:
-        chunk = self.prefill_buckets[-1]
-        prompt = req.prompt_ids
-        for start in range(0, len(prompt), chunk):
-            part = prompt[start:start + chunk]
-            pad = _bucket(self.prefill_buckets, len(part)) - len(part)
-            positions = list(range(start, start + len(part))) + [-1] * pad
-            logits = self._prefill_logits(self._tensor([part + [0] * pad]), self._tensor([positions]),
-                                          self._tensor([req.slot]), self._tensor([len(part) - 1]))
-        return req.append(self._pick([req], logits), self.max_seq_len)
+        logits = self.runner.prefill(req.slot, req.prompt_ids, start=0)
+        if self.speculator:
+            self.speculator.admit(req, enabled=req.params.speculate)
+        return self._append(req, self._pick([req], logits))
+
+    def _append(self, req: Request, tokens: list[int]) -> StepOutput:
+        out = req.append(tokens, self.max_seq_len)
+        if self.speculator:
+            self.speculator.observe(req, out.token_ids)
+        return out
+
+    def _sampling(self, reqs: list[Request], rows: int) -> RowSampling:
+        return RowSampling.build([r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs],
+                                 rows, self.device)
 
     def _pick(self, reqs: list[Request], logits: Tensor) -> list[int]:
         """Sample one token per request from logits [B >= len(reqs), V]; one host sync for the batch."""
         if all(r.params.greedy for r in reqs):
             return greedy_sample(logits)[: len(reqs)].tolist()
-        pad = logits.shape[0] - len(reqs)
-        floats = lambda xs: torch.tensor(xs + [1.0] * pad, dtype=torch.float32, device=self.device)
-        ids = sample(logits,
-                     floats([0.0 if r.params.greedy else r.params.temperature for r in reqs]),
-                     self._tensor([r.params.top_k for r in reqs] + [0] * pad),
-                     floats([r.params.top_p for r in reqs]),
-                     self._tensor([r.seed for r in reqs] + [0] * pad),
-                     self._tensor([r.num_tokens for r in reqs] + [0] * pad))
+        rows = self._sampling(reqs, logits.shape[0])
+        ids = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seeds, rows.positions)
         return ids[: len(reqs)].tolist()
 
     def _tensor(self, values: list) -> Tensor:
@@ -219,6 +194,12 @@ class Engine:
     def _free(self, index: int) -> None:
         last = self.active.pop()
         if index < len(self.active):
-            self.model.copy_slot(last.slot, index)
+            self.runner.copy_slot(last.slot, index)
+            if self.speculator and self.speculator.draft:
+                self.speculator.draft.copy_slot(last.slot, index)
             last.slot = index
             self.active[index] = last
+
+
+def _element_size(model: Transformer) -> int:
+    return model.tok_embeddings.weight.element_size()

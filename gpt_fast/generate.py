@@ -17,6 +17,7 @@ import torch
 from . import tp
 from .checkpoint import DTYPES, default_device, load_model, resolve_checkpoint
 from .engine import Engine, default_max_seq_len
+from .quantized import quantize_model
 from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
 
@@ -36,7 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16")
     ap.add_argument("--max-seq-len", type=int, help="KV cache length (default: min(2048, model's))")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    spec = ap.add_mutually_exclusive_group()
+    spec.add_argument("--draft-checkpoint", type=Path, help="speculative decoding with this draft model")
+    spec.add_argument("--lookup", action="store_true", help="speculative decoding with prompt lookup")
+    ap.add_argument("--draft-quantize", choices=["int8", "int4"],
+                    help="quantize the draft at load (without --draft-checkpoint: the target's own weights)")
+    ap.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step")
     a = ap.parse_args(argv)
+    if a.draft_quantize and not a.draft_checkpoint:
+        a.draft_checkpoint = a.checkpoint
+    speculate = "draft" if a.draft_checkpoint else "lookup" if a.lookup else None
 
     try:
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
@@ -47,8 +57,15 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(weights, device=device, dtype=DTYPES.get(a.dtype), rank=tp.rank(),
                            world_size=tp.world_size())
         tokenizer = load_tokenizer(weights.parent, model.args.tokenizer, model.args.stop_token_ids)
+        draft = None
+        if a.draft_checkpoint:
+            draft = load_model(resolve_checkpoint(a.draft_checkpoint), device=device, dtype=DTYPES.get(a.dtype),
+                               rank=tp.rank(), world_size=tp.world_size())
+            if a.draft_quantize:
+                quantize_model(draft, a.draft_quantize)
         engine = Engine(model, tokenizer, max_batch_size=1,
                         max_seq_len=a.max_seq_len or default_max_seq_len(model.args), compile=a.compile,
+                        speculate=speculate, speculate_k=a.speculate_k, draft_model=draft,
                         seed=tp.shared_seed())  # under torchrun, every rank samples with the same seeds
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -69,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         for out in engine.step():
             tokens += out.token_ids
             text.append(out.text)
+            last = out
             if show and not a.json:
                 print(out.text, end="", flush=True)
         if first is None:
@@ -81,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
              "time_to_first_token_s": first - t0, "bandwidth_gbs": weight_bytes * tps / 1e9,
              "load_s": load_s, "compile_s": compile_s, "device": str(device),
              "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch.")}
+    if speculate:
+        # Mean accepted length: draft tokens the target accepted per verify pass.
+        stats.update(speculate=speculate, draft_tokens=last.draft_tokens, accepted_tokens=last.accepted_tokens,
+                     mean_accepted=last.accepted_tokens / max(last.draft_passes, 1))
     if show and a.json:
         print(json.dumps(stats))
     elif show:
@@ -88,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n\n{len(tokens)} tokens, {tps:.1f} tokens/s, {stats['bandwidth_gbs']:.2f} GB/s, "
               f"first token {stats['time_to_first_token_s'] * 1e3:.0f} ms, load {load_s:.1f} s, "
               f"compile {compile_s:.1f} s ({device}, {stats['dtype']}{ranks})", file=sys.stderr)
+        if speculate:
+            print(f"speculative ({speculate}, k={a.speculate_k}): mean accepted length {stats['mean_accepted']:.2f}, "
+                  f"{last.accepted_tokens}/{last.draft_tokens} drafts accepted", file=sys.stderr)
 
 
 if __name__ == "__main__":

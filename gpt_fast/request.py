@@ -1,10 +1,13 @@
 """One generation request's state on the host: tokens so far, text deltas, stop conditions."""
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Optional
 
 from .detokenizer import IncrementalDetokenizer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .speculative import RowState
 
 
 @dataclass
@@ -17,11 +20,14 @@ class StepOutput:
     finish_reason: Optional[str]  # "stop" | "length" | None while running
     prompt_tokens: int
     completion_tokens: int
+    # Speculation so far: verify passes, tokens drafted, and how many of them the target accepted.
+    draft_passes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
     def followed_by(self, later: "StepOutput") -> "StepOutput":
         """This step's output and a later step's, as one."""
-        return StepOutput(self.request_id, self.token_ids + later.token_ids, self.text + later.text, later.finished,
-                          later.finish_reason, later.prompt_tokens, later.completion_tokens)
+        return replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text)
 
 
 @dataclass
@@ -34,6 +40,10 @@ class Request:
     slot: int = -1
     generated: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    speculation: Optional["RowState"] = None
+    draft_passes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
     _held: str = ""  # text that may be the start of a stop string, not yet shown
     _stopped_by_string: bool = False
 
@@ -68,7 +78,8 @@ class Request:
         if self.finished and not self._stopped_by_string:
             text += self._release(self._detok.flush(), final=True)
         return StepOutput(self.request_id, new, text, self.finished, self.finish_reason,
-                          len(self.prompt_ids), len(self.generated))
+                          len(self.prompt_ids), len(self.generated), self.draft_passes, self.draft_tokens,
+                          self.accepted_tokens)
 
     def _release(self, delta: str, final: bool = False) -> str:
         """Return the text safe to show; hold back a tail that could still grow into a stop string."""

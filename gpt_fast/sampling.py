@@ -4,7 +4,7 @@ Randomness comes from a counter-based hash of (seed, position, token id) compute
 request's tokens depend only on its own seed and params, never on what else shares its batch.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    speculate: bool = True  # draft-and-verify when the engine has a speculator (output is the same either way)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -45,6 +46,33 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class RowSampling:
+    """A batch's per-row sampling settings as device tensors [B]; padding rows are greedy.
+
+    positions[b] is the index in its sequence of the token being sampled: it keys the random draws.
+    """
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+    seeds: Tensor
+    positions: Tensor
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], positions: Sequence[int], rows: int,
+              device: Union[str, torch.device]) -> "RowSampling":
+        pad = rows - len(params)
+        floats = lambda xs, fill: torch.tensor(list(xs) + [fill] * pad, dtype=torch.float32, device=device)
+        longs = lambda xs: torch.tensor(list(xs) + [0] * pad, dtype=torch.long, device=device)
+        return cls(temperature=floats((0.0 if p.greedy else p.temperature for p in params), 0.0),
+                   top_k=longs(p.top_k for p in params), top_p=floats((p.top_p for p in params), 1.0),
+                   seeds=longs(seeds), positions=longs(positions))
+
+    def repeat(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(temperature, top_k, top_p) with every row repeated n times, for n logits per row."""
+        return tuple(t.repeat_interleave(n) for t in (self.temperature, self.top_k, self.top_p))
 
 
 _MASK32 = 0xFFFFFFFF
@@ -69,9 +97,8 @@ def greedy_sample(logits: Tensor) -> Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor,
-           positions: Tensor) -> Tensor:
-    """logits [B, V] fp32; per-row temperature/top_k/top_p/seed/position [B]. Rows with temperature 0 are greedy."""
+def _sorted_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
+    """The temperature/top-k/top-p distribution of each row, over tokens sorted by logit: (probs, token order)."""
     vocab = logits.shape[-1]
     scaled = logits / temperature.clamp(min=1e-5)[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
@@ -80,9 +107,32 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
     # top-p: keep the smallest prefix whose mass reaches p (the first token is always kept).
     keep &= (probs.cumsum(dim=-1) - probs) < top_p[:, None]
-    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    # Gumbel-style trick: argmax(p / Exp(1)) is a sample from p, with no torch.multinomial host sync.
-    noise = -torch.log(uniform_noise(seeds, positions, vocab))
-    choice = torch.argmax(probs / noise, dim=-1, keepdim=True)
-    sampled = order.gather(-1, choice).squeeze(-1)
+    return torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1), order
+
+
+def _exponential_argmax(probs: Tensor, seeds: Tensor, positions: Tensor, stream: int) -> Tensor:
+    # argmax(p / Exp(1)) is a sample from p (p need not be normalised), with no torch.multinomial host sync.
+    noise = -torch.log(uniform_noise(seeds, positions, probs.shape[-1], stream))
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor,
+           positions: Tensor) -> Tensor:
+    """logits [B, V] fp32; per-row temperature/top_k/top_p/seed/position [B]. Rows with temperature 0 are greedy."""
+    probs, order = _sorted_probs(logits, temperature, top_k, top_p)
+    choice = _exponential_argmax(probs, seeds, positions, stream=0)
+    sampled = order.gather(-1, choice[:, None]).squeeze(-1)
     return torch.where(temperature == 0, logits.argmax(dim=-1), sampled)
+
+
+def probabilities(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """The distribution `sample` draws from, [B, V] in vocabulary order; one-hot on the argmax for temperature 0."""
+    probs, order = _sorted_probs(logits, temperature, top_k, top_p)
+    probs = torch.zeros_like(probs).scatter_(-1, order, probs)
+    greedy = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where((temperature == 0)[:, None], greedy, probs)
+
+
+def sample_from(probs: Tensor, seeds: Tensor, positions: Tensor, stream: int) -> Tensor:
+    """One token per row of (possibly unnormalised) probabilities [B, V]; `stream` keeps draws independent."""
+    return _exponential_argmax(probs, seeds, positions, stream)

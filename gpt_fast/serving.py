@@ -18,7 +18,7 @@ import torch
 from . import tp
 from .checkpoint import DTYPES
 from .config import quantization_scheme
-from .engine import Engine, PromptTooLongError
+from .engine import SPECULATE_MODES, Engine, PromptTooLongError
 from .request import StepOutput
 from .sampling import InvalidParam, SamplingParams
 from .tokenizer import Tokenizer
@@ -35,6 +35,7 @@ INTER_TOKEN_LATENCY = "gpt_fast_inter_token_latency_seconds"
 GENERATED_TOKENS = "gpt_fast_generated_tokens_total"
 REQUESTS_FINISHED = "gpt_fast_requests_finished_total"
 ACTIVE_SLOTS = "gpt_fast_active_slots"
+ACCEPTANCE_RATE = "gpt_fast_speculative_acceptance_rate"  # per finished request: accepted / drafted tokens
 
 
 @dataclass
@@ -56,9 +57,12 @@ class HandlerConfig:
     # A checkpoint quantized ahead with `python -m gpt_fast.quantize` needs neither (its config.json says so).
     quantize: Optional[str] = None
     groupsize: Optional[int] = None
-    # Speculative decoding (accepted now, used by the speculative engine).
-    draft_checkpoint: Optional[str] = None
-    speculate_k: int = 0
+    # Speculative decoding: draft (a draft model proposes speculate_k tokens per step: draft_checkpoint, or this
+    # checkpoint quantized with draft_quantize) | lookup (prompt lookup, no draft model). Output is unchanged.
+    speculate: Optional[str] = None
+    draft_checkpoint: Optional[str] = None  # relative to the model dir or absolute
+    draft_quantize: Optional[str] = None  # int8 | int4
+    speculate_k: int = 4
 
     @classmethod
     def from_dict(cls, section: Optional[dict], batch_size: int) -> "HandlerConfig":
@@ -96,12 +100,24 @@ class HandlerConfig:
                 raise ValueError(f"handler.quantize: {e}") from None
         elif self.groupsize is not None:
             raise ValueError("handler.groupsize: only used with quantize: int4")
-        if self.speculate_k < 0:
-            raise ValueError(f"handler.speculate_k: {self.speculate_k} is not >= 0")
+        self._validate_speculation()
         try:
             self.default_params()
         except InvalidParam as e:
             raise ValueError(f"handler.{e}") from None
+
+    def _validate_speculation(self) -> None:
+        if self.speculate not in (None, *SPECULATE_MODES):
+            raise ValueError(f"handler.speculate: {self.speculate!r} is not {' or '.join(SPECULATE_MODES)}")
+        drafts = self.draft_checkpoint is not None or self.draft_quantize is not None
+        if drafts and self.speculate != "draft":
+            raise ValueError("handler.draft_checkpoint/draft_quantize: only used with speculate: draft")
+        if self.speculate == "draft" and not drafts:
+            raise ValueError("handler.speculate: draft needs draft_checkpoint or draft_quantize")
+        if self.draft_quantize not in (None, "int8", "int4"):
+            raise ValueError(f"handler.draft_quantize: {self.draft_quantize!r} is not int8 or int4")
+        if not 1 <= self.speculate_k <= 16:
+            raise ValueError(f"handler.speculate_k: {self.speculate_k} is not in [1, 16]")
 
     def default_params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -109,6 +125,10 @@ class HandlerConfig:
 
     def checkpoint_path(self, model_dir: Union[str, Path]) -> Path:
         return Path(model_dir) / self.checkpoint  # an absolute checkpoint replaces model_dir
+
+    def draft_checkpoint_path(self, model_dir: Union[str, Path]) -> Path:
+        """The draft's weights: draft_checkpoint, or the target's own checkpoint (to be quantized)."""
+        return Path(model_dir) / (self.draft_checkpoint or self.checkpoint)
 
     def torch_device(self, gpu_id: Optional[int]) -> torch.device:
         """The GPU TorchServe assigned when there is one, else the CPU (no CUDA call on the CPU path)."""
@@ -127,7 +147,8 @@ class HandlerConfig:
 # Types of the HandlerConfig fields that are not strings.
 _CONFIG_TYPES = {"compile": bool, "max_batch_size": int, "max_seq_len": (int, type(None)), "max_new_tokens": int,
                  "top_k": int, "speculate_k": int, "temperature": float, "top_p": float, "stop": tuple,
-                 "draft_checkpoint": (str, type(None)), "quantize": (str, type(None)),
+                 "draft_checkpoint": (str, type(None)), "quantize": (str, type(None)), "speculate": (str, type(None)),
+                 "draft_quantize": (str, type(None)),
                  "groupsize": (int, type(None))}
 
 
@@ -161,7 +182,7 @@ class GenerationRequest:
 
 # Request fields and the JSON types they take (floats take integers too).
 REQUEST_FIELDS = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-                  "seed": (int, type(None)), "stop": (str, list), "stream": bool}
+                  "seed": (int, type(None)), "stop": (str, list), "stream": bool, "speculate": bool}
 
 
 def parse_request(body: Any, defaults: SamplingParams, max_seq_len: int) -> GenerationRequest:
@@ -204,7 +225,7 @@ def parse_request(body: Any, defaults: SamplingParams, max_seq_len: int) -> Gene
                                 temperature=float(body.get("temperature", defaults.temperature)),
                                 top_k=body.get("top_k", defaults.top_k),
                                 top_p=float(body.get("top_p", defaults.top_p)),
-                                seed=body.get("seed"), stop=stop)
+                                seed=body.get("seed"), stop=stop, speculate=body.get("speculate", True))
     except InvalidParam as e:
         raise RequestError(e.field, e.message) from None
     return GenerationRequest(prompt, params, body.get("stream", True))
@@ -235,6 +256,8 @@ class _Tracked:
     arrived: float
     first_token_at: Optional[float] = None
     completion_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
     text: list[str] = field(default_factory=list)  # accumulated for stream: false
 
 
@@ -361,6 +384,7 @@ class ServingLoop:
             tracked.first_token_at = done
             self.emit(TIME_TO_FIRST_TOKEN, done - tracked.arrived)
         tracked.completion_tokens = out.completion_tokens
+        tracked.draft_tokens, tracked.accepted_tokens = out.draft_tokens, out.accepted_tokens
         if out.finished:
             self._finish(out.request_id, out.finish_reason)
             if out.completion_tokens > 1:
@@ -371,8 +395,10 @@ class ServingLoop:
         tracked.text.append(out.text)
         if not out.finished:
             return Reply(b"", finished=False, first=False)
-        answer = {"text": "".join(tracked.text), "finish_reason": out.finish_reason,
-                  "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}}
+        usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
+        if self.engine.speculator:
+            usage.update(draft_tokens=out.draft_tokens, accepted_tokens=out.accepted_tokens)
+        answer = {"text": "".join(tracked.text), "finish_reason": out.finish_reason, "usage": usage}
         return Reply(json.dumps(answer).encode(), finished=True, first=False, content_type=JSON)
 
     def _cancel(self, rid: str) -> None:
@@ -382,8 +408,11 @@ class ServingLoop:
     def _finish(self, rid: str, reason: str) -> None:
         # Counted per request, not per step: TorchServe logs and parses every metric line the worker prints,
         # which costs the frontend CPU time the decode step would otherwise have.
-        self.emit(GENERATED_TOKENS, self.tracked.pop(rid).completion_tokens)
+        tracked = self.tracked.pop(rid)
+        self.emit(GENERATED_TOKENS, tracked.completion_tokens)
         self.emit(REQUESTS_FINISHED, 1, reason=reason)
+        if tracked.draft_tokens:
+            self.emit(ACCEPTANCE_RATE, tracked.accepted_tokens / tracked.draft_tokens)
 
 
 def _use_device(device: torch.device) -> None:

@@ -51,6 +51,11 @@ def train_tokenizer(path: Path) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
+def ordinary_pieces(sp: spm.SentencePieceProcessor) -> list[int]:
+    """The ids the table is filled with: every piece but unk/bos/eos and the byte-fallback pieces."""
+    return [i for i in range(sp.vocab_size()) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
+
+
 def _positional_query_key(args: ModelArgs) -> tuple[Tensor, Tensor]:
     """Constant q, k ([head_dim]) whose RoPE score is sum_i A_i cos((t - s - 1) theta_i), maximal at t - s = 1.
 
@@ -70,7 +75,9 @@ def _positional_query_key(args: ModelArgs) -> tuple[Tensor, Tensor]:
     return q, k
 
 
-def planted_weights(args: ModelArgs, ordinary_ids: list[int]) -> dict[str, Tensor]:
+def planted_weights(args: ModelArgs, ordinary_ids: list[int], random_scale: float = RANDOM_SCALE) -> dict[str, Tensor]:
+    """The planted-rule weights for `args` (any depth and width with head_dim 32); random_scale scales the
+    unplanted matrices (smaller keeps the rule dominant in deeper models)."""
     assert len(ordinary_ids) == GRID * GRID and FREE < args.dim
     torch.manual_seed(0)
     model = Transformer(args)
@@ -80,7 +87,7 @@ def planted_weights(args: ModelArgs, ordinary_ids: list[int]) -> dict[str, Tenso
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 2:
-                param.mul_(RANDOM_SCALE)
+                param.mul_(random_scale)
 
         emb = model.tok_embeddings.weight
         features = emb[:, FREE:].clone()
@@ -122,11 +129,9 @@ def build_tiny(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sp = train_tokenizer(out_dir / "tokenizer.model")
-    ordinary = [i for i in range(sp.vocab_size())
-                if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
     args = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_heads=2, head_dim=32, intermediate_size=344,
                      vocab_size=sp.vocab_size(), max_position_embeddings=2048, tokenizer="sentencepiece")
-    torch.save(planted_weights(args, ordinary), out_dir / "model.pth")
+    torch.save(planted_weights(args, ordinary_pieces(sp)), out_dir / "model.pth")
     args.save(out_dir / "config.json")
     return out_dir
 

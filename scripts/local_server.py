@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import requests
 
@@ -25,7 +26,8 @@ class LocalServer:
     def __init__(self, run_dir: Path, name: str = "gpt-fast", start_timeout: int = 180):
         ports = free_ports(5)
         self.run_dir, self.name = Path(run_dir), name
-        self.url = f"http://127.0.0.1:{ports[0]}/predictions/{name}"
+        self.predictions = f"http://127.0.0.1:{ports[0]}/predictions"
+        self.url = f"{self.predictions}/{name}"
         self.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
         self.env = {"GFS_RUN_DIR": str(run_dir), "GFS_MODEL_STORE": str(self.run_dir / "model_store"),
                     "GFS_START_TIMEOUT": str(start_timeout)}
@@ -36,9 +38,11 @@ class LocalServer:
         return subprocess.run([str(ROOT / "scripts" / args[0]), *args[1:]], env={**os.environ, **self.env},
                               capture_output=True, text=True, timeout=timeout)
 
-    def archive_and_start(self, checkpoint: Path, config: Path) -> None:
-        for args in (("archive.sh", str(checkpoint), "--name", self.name, "--config", str(config)),
-                     ("serve.sh", "start")):
+    def archive_and_start(self, checkpoint: Path, config: Path, more: tuple[tuple[str, Path], ...] = ()) -> None:
+        """Serve `checkpoint` with `config` as self.name, plus (name, config) more models of it."""
+        archives = [("archive.sh", str(checkpoint), "--name", name, "--config", str(conf))
+                    for name, conf in [(self.name, config), *more]]
+        for args in (*archives, ("serve.sh", "start")):
             done = self.script(*args, timeout=3600)
             if done.returncode:
                 raise RuntimeError(f"{args[0]} failed:\n{done.stdout}{done.stderr}")
@@ -51,9 +55,10 @@ class LocalServer:
         key = json.loads((self.run_dir / "key_file.json").read_text())["inference"]["key"]
         return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
-    def post(self, body, **kw) -> requests.Response:
+    def post(self, body, model: Optional[str] = None, **kw) -> requests.Response:
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return requests.post(self.url, data=data, headers=kw.pop("headers", self.headers), timeout=300, **kw)
+        url = f"{self.predictions}/{model}" if model else self.url
+        return requests.post(url, data=data, headers=kw.pop("headers", self.headers), timeout=300, **kw)
 
     def log(self, name: str) -> str:
         path = self.run_dir / "logs" / name

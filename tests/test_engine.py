@@ -162,7 +162,7 @@ def test_generation_stops_at_end_of_context(model, tokenizer):
 def test_long_prompt_is_prefilled_in_chunks(model, tokenizer):
     prompt = tokenizer.encode(" ".join(PROMPTS * 30))[:1500]
     engine = make_engine(model, tokenizer, max_seq_len=2048)
-    assert len(prompt) > engine.prefill_buckets[-1]
+    assert len(prompt) > engine.runner.prefill_buckets[-1]
     out = engine.generate([prompt], SamplingParams(max_new_tokens=8))[0]
     model.setup_caches(1, 2048)
     logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], torch.tensor([0]))

@@ -25,13 +25,17 @@ def test_handler_config_defaults_and_errors():
     for bad in ({"max_seq_lne": 8}, {"compile": "yes"}, {"max_seq_len": True}, {"dtype": "int8"},
                 {"device": "tpu"}, {"top_p": 0}, {"temperature": float("nan")}, {"max_batch_size": 0},
                 {"quantize": "int3"}, {"quantize": "int4", "groupsize": 48}, {"quantize": "int8", "groupsize": 32},
-                {"groupsize": 64}):
+                {"groupsize": 64}, {"speculate": "medusa"}, {"speculate": "draft"},
+                {"speculate": "lookup", "draft_checkpoint": "d"}, {"draft_quantize": "int4"},
+                {"speculate": "draft", "draft_quantize": "fp8"}, {"speculate": "lookup", "speculate_k": 0}):
         with pytest.raises(ValueError):
             HandlerConfig.from_dict(bad, 8)
     with pytest.raises(ValueError, match="unknown keys"):
         HandlerConfig.from_dict({"max_seq_lne": 8}, 8)
     quantized = HandlerConfig.from_dict({"quantize": "int4", "groupsize": 64}, 8)
     assert (quantized.quantize, quantized.groupsize) == ("int4", 64)
+    self_draft = HandlerConfig.from_dict({"speculate": "draft", "draft_quantize": "int4"}, 8)
+    assert str(self_draft.draft_checkpoint_path("/models/x")) == "/models/x/checkpoint"
 
 
 def test_device_follows_the_gpu_torchserve_assigns():
@@ -61,6 +65,10 @@ def test_parse_request_errors_name_the_field():
         parse_request({"prompt": b"hi"}, DEFAULTS, max_seq_len=64)
     with pytest.raises(RequestError, match="at most 16"):
         parse_request({"prompt": "hi", "stop": ["s"] * 17}, DEFAULTS, max_seq_len=64)
+    with pytest.raises(RequestError) as e:
+        parse_request({"prompt": "hi", "speculate": "no"}, DEFAULTS, max_seq_len=64)
+    assert e.value.field == "speculate"
+    assert not parse_request({"prompt": "hi", "speculate": False}, DEFAULTS, max_seq_len=64).params.speculate
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,224 @@
+"""Speculative decoding: a draft model or prompt lookup proposes tokens, the target verifies them in one pass.
+
+Acceptance is the standard rejection rule (accept draft x with min(1, p(x)/q(x)); on a reject sample from
+the normalised positive part of p - q; a bonus token from p when all are accepted), so the output follows the
+target's distribution exactly; greedy output equals plain greedy decoding token for token. Every row of the
+batch drafts and accepts its own number of tokens: positions are per row, so stale cache entries past a row's
+accepted tokens are simply overwritten later and never read before that.
+
+A row whose drafts stop paying off (too few accepted tokens per verify pass for what a pass costs) backs off:
+it decodes plainly for 1, 4, 16, then 64 steps before it drafts again. The decision depends only on the row's
+own history, so a seeded request gives the same tokens whatever shares its batch.
+"""
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .request import Request
+from .runner import ModelRunner
+from .sampling import RowSampling, probabilities, sample, sample_from, uniform_noise
+
+# A verify pass over k + 1 tokens costs about this many plain decode steps (measured on CPU, BENCHMARKS.md).
+VERIFY_COST = 1.25
+MAX_BACKOFF = 64
+LOOKUP_NGRAMS = (3, 2, 1)  # longest suffix match first
+
+
+class NgramIndex:
+    """Where each n-gram of a growing token sequence last occurred, for prompt-lookup drafts."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self._next: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it last
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            end = len(self.tokens)  # the n-grams ending just before `token` are followed by it
+            for n in LOOKUP_NGRAMS:
+                if end >= n:
+                    self._next[tuple(self.tokens[end - n:end])] = end
+            self.tokens.append(token)
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest matching suffix."""
+        for n in LOOKUP_NGRAMS:
+            start = self._next.get(tuple(self.tokens[-n:])) if len(self.tokens) >= n else None
+            if start is not None:
+                return self.tokens[start:start + k]
+        return []
+
+
+@dataclass
+class RowState:
+    """One request's speculation: what the draft cache holds, its back-off, lookup index, proposals."""
+    enabled: bool
+    tokens_per_pass: float  # running mean of tokens one verify pass yields
+    draft_cached: int = 0  # sequence positions whose keys/values the draft's cache holds
+    skip: int = 0  # plain steps left before drafting again
+    backoff: int = 1
+    lookup: Optional[NgramIndex] = None
+    proposal: list[int] = field(default_factory=list)
+
+    def record(self, drafted: int, accepted: int, min_tokens_per_pass: float) -> None:
+        self.tokens_per_pass = 0.5 * self.tokens_per_pass + 0.5 * (accepted + 1)
+        if self.tokens_per_pass < min_tokens_per_pass:
+            self.skip, self.backoff = self.backoff, min(4 * self.backoff, MAX_BACKOFF)
+        else:
+            self.backoff = 1
+
+
+def accept(logits: Tensor, drafts: Tensor, num_drafts: Tensor, draft_probs: Optional[Tensor],
+           sampling: Optional[RowSampling]) -> tuple[Tensor, Tensor]:
+    """Verify drafts against target logits.
+
+    logits [B, K+1, V]: the target at the last token and at each draft; drafts [B, K]; num_drafts [B] (row b's
+    drafts are drafts[b, :num_drafts[b]]); draft_probs [B, K, V] the distributions the drafts were drawn from,
+    None for point proposals (prompt lookup); sampling None when every row is greedy. Returns tokens [B, K+1]
+    and counts [B]: row b emits tokens[b, :counts[b]] (its accepted drafts, then one corrected or bonus token).
+    """
+    bsz, width, vocab = logits.shape
+    k = width - 1
+    in_row = torch.arange(k, device=logits.device) < num_drafts[:, None]
+    if sampling is None:
+        target = logits.argmax(dim=-1)
+        accepted = ((drafts == target[:, :k]) & in_row).int().cumprod(dim=-1).sum(dim=-1)
+        return target, accepted + 1
+    p = probabilities(logits.reshape(-1, vocab), *sampling.repeat(width)).view(bsz, width, vocab)
+    q = draft_probs if draft_probs is not None else torch.zeros_like(p[:, :k]).scatter_(-1, drafts[..., None], 1.0)
+    px = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    qx = q.gather(-1, drafts[..., None]).squeeze(-1)
+    u = uniform_noise(sampling.seeds, sampling.positions, k, stream=2)
+    accepted = ((u * qx < px) & in_row).int().cumprod(dim=-1).sum(dim=-1)
+    rows = torch.arange(bsz, device=logits.device)
+    position = sampling.positions + accepted
+    # All drafts accepted: a bonus token drawn exactly as plain decoding draws it.
+    bonus = sample(logits[rows, accepted], sampling.temperature, sampling.top_k, sampling.top_p, sampling.seeds,
+                   position)
+    p_at = p[rows, accepted]
+    q_at = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, accepted]
+    residual = (p_at - q_at).clamp(min=0)
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_at)
+    corrected = sample_from(residual, sampling.seeds, position, stream=3)
+    tokens = torch.cat([drafts, drafts[:, :1]], dim=1)
+    tokens[rows, accepted] = torch.where(accepted == num_drafts, bonus, corrected)
+    return tokens, accepted + 1
+
+
+class Speculator:
+    """Drafts up to k tokens per row (a draft model's, or prompt lookup's) and verifies them in one target pass."""
+
+    def __init__(self, target: ModelRunner, draft: Optional[ModelRunner], k: int, max_seq_len: int,
+                 draft_cost: float = 0.0):
+        """draft None means prompt lookup. draft_cost: one draft step's cost relative to a target decode step."""
+        if k < 1:
+            raise ValueError(f"speculate_k must be >= 1, got {k}")
+        self.target, self.draft, self.k, self.max_seq_len = target, draft, k, max_seq_len
+        self.min_tokens_per_pass = VERIFY_COST + k * draft_cost
+
+    def admit(self, req: Request, enabled: bool) -> None:
+        """Set up a newly prefilled request: the draft's cache gets the prompt, lookup indexes it."""
+        req.speculation = RowState(enabled=enabled, tokens_per_pass=self.k + 1.0)
+        if not enabled:
+            return
+        if self.draft is not None:
+            self.draft.prefill(req.slot, req.prompt_ids, start=0)
+            req.speculation.draft_cached = len(req.prompt_ids)
+        else:
+            req.speculation.lookup = NgramIndex()
+            req.speculation.lookup.extend(req.prompt_ids)
+
+    def plan(self, reqs: list[Request]) -> list[int]:
+        """How many tokens each request drafts this step (0: a plain step for it)."""
+        return [self._plan(r) for r in reqs]
+
+    def step(self, reqs: list[Request], ks: list[int], batch: int, kv_buckets: Sequence[int],
+             sampling: Optional[RowSampling]) -> list[list[int]]:
+        """One draft-and-verify step for rows 0..len(reqs)-1 (batch >= len(reqs) rows run), drafting ks[b] tokens
+        for row b (from plan()); returns each request's new tokens. sampling None: every row is greedy."""
+        lengths = [r.num_tokens for r in reqs]
+        kv_len = next(b for b in kv_buckets if b > max(n - 1 + k for n, k in zip(lengths, ks)))
+        pad = batch - len(reqs)
+        ks_pad = ks + [0] * pad
+        if self.draft is not None:
+            drafts, draft_probs = self._draft(reqs, ks_pad, kv_len, sampling)
+        else:
+            rows = [r.speculation.proposal[:k] + [0] * (self.k - k) for r, k in zip(reqs, ks)] + [[0] * self.k] * pad
+            drafts, draft_probs = self._tensor(rows), None
+        last = self._tensor([r.generated[-1] for r in reqs] + [0] * pad)
+        positions = self._positions(lengths + [0] * pad, [k + 1 for k in ks] + [0] * pad, self.k + 1, first=-1)
+        logits = self.target.rows(torch.cat([last[:, None], drafts], dim=1), positions, kv_len)
+        tokens, counts = accept(logits, drafts, self._tensor(ks_pad), draft_probs, sampling)
+        tokens, counts = tokens.tolist(), counts.tolist()  # the step's one host sync
+        out = []
+        for r, k, n, row, count in zip(reqs, ks, lengths, tokens, counts):
+            if k:
+                r.draft_passes += 1
+                r.draft_tokens += k
+                r.accepted_tokens += count - 1
+                r.speculation.record(k, count - 1, self.min_tokens_per_pass)
+                if self.draft is not None:  # the draft cached the last token and its drafts up to the first reject
+                    r.speculation.draft_cached = n + min(count - 1, k - 1)
+            out.append(row[:count])
+        return out
+
+    def observe(self, req: Request, tokens: list[int]) -> None:
+        """Tokens the request just took (after stop handling), for the lookup index."""
+        if req.speculation and req.speculation.lookup is not None:
+            req.speculation.lookup.extend(tokens)
+
+    def _plan(self, req: Request) -> int:
+        state = req.speculation
+        # Every step yields one token besides the drafts; positions must stay inside the cache.
+        room = min(req.params.max_new_tokens - len(req.generated) - 1, self.max_seq_len - req.num_tokens)
+        if not state.enabled or room < 1:
+            return 0
+        if state.skip:
+            state.skip -= 1
+            return 0
+        if state.lookup is not None:
+            state.proposal = state.lookup.propose(min(self.k, room))
+            return len(state.proposal)
+        return min(self.k, room)
+
+    def _draft(self, reqs: list[Request], ks: list[int], kv_len: int,
+               sampling: Optional[RowSampling]) -> tuple[Tensor, Optional[Tensor]]:
+        """Run the draft model k steps; drafts [B, K] and the distributions they were drawn from (None: greedy)."""
+        lags = []
+        for r, k in zip(reqs, ks):
+            state = r.speculation
+            if k and r.num_tokens - state.draft_cached > 2:  # it decoded plainly for a while: catch the draft up
+                sequence = r.prompt_ids + r.generated
+                self.draft.prefill(r.slot, sequence[state.draft_cached:r.num_tokens - 2], start=state.draft_cached)
+                state.draft_cached = r.num_tokens - 2
+            lags.append(r.num_tokens - state.draft_cached if k else 0)
+        pad = len(ks) - len(reqs)
+        # First step: the one or two tokens the draft has not seen (the last one always in column 1).
+        firsts = [[r.generated[-2] if lag == 2 else 0, r.generated[-1]] for r, lag in zip(reqs, lags)]
+        lengths = [r.num_tokens for r in reqs] + [0] * pad
+        tokens = self._tensor(firsts + [[0, 0]] * pad)
+        positions = self._positions(lengths, [2 if k else 0 for k in ks], 2, first=-2)
+        positions[:, 0].masked_fill_(self._tensor(lags + [0] * pad) < 2, -1)
+        logits = self.draft.rows(tokens, positions, kv_len)[:, 1]
+        drafts, probs = [], []
+        for i in range(self.k):
+            if i:
+                position = self._positions(lengths, [int(k > i) for k in ks], 1, first=i - 1)
+                logits = self.draft.rows(drafts[-1][:, None], position, kv_len)[:, 0]
+            if sampling is None:
+                drafts.append(logits.argmax(dim=-1))
+                continue
+            q = probabilities(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+            drafts.append(sample_from(q, sampling.seeds, sampling.positions + i, stream=1))
+            probs.append(q)
+        return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
+    def _positions(self, lengths: list[int], valid: list[int], width: int, first: int) -> Tensor:
+        """[B, width] positions length + first + j for j < valid[b], -1 (padding) elsewhere."""
+        j = torch.arange(width, device=self.target.device)
+        pos = self._tensor(lengths)[:, None] + first + j
+        return torch.where(j < self._tensor(valid)[:, None], pos, -1)
+
+    def _tensor(self, values: list) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.target.device)
