@@ -20,6 +20,7 @@ from gpt_fast.config import ModelArgs
 from gpt_fast.engine import Engine
 from gpt_fast.model import Transformer
 from gpt_fast.quantize import quantize_checkpoint
+from gpt_fast.quantized import quantize_model
 from gpt_fast.sampling import SamplingParams
 from gpt_fast.serving import ServingLoop
 from gpt_fast.tokenizer import load_tokenizer
@@ -47,9 +48,9 @@ def logits_of(model: Transformer) -> torch.Tensor:
     return torch.cat([prefill, decode], dim=1)
 
 
-def generations(model: Transformer, tokenizer) -> list[list[int]]:
+def generations(model: Transformer, tokenizer, **speculation) -> list[list[int]]:
     """Greedy and sampled continuations of every prompt, batched (4 slots for 8 requests)."""
-    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128, seed=tp.shared_seed())
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128, seed=tp.shared_seed(), **speculation)
     prompts = [tokenizer.encode(p) for p in PROMPTS] * 2
     return [c.tokens for c in engine.generate(prompts, [GREEDY] * 4 + [SAMPLED] * 4)]
 
@@ -93,7 +94,11 @@ def rank_main(rank: int, port: int, checkpoints: list[tuple[str, str]], out_dir:
         results[path, dtype] = (logits_of(model), generations(model, tokenizer))
     path, dtype = checkpoints[0]
     model = load_model(path, device, getattr(torch, dtype), tp.rank(), tp.world_size())
-    results["served"] = serve(model, load_tokenizer(Path(path)))
+    tokenizer = load_tokenizer(Path(path))
+    results["served"] = serve(model, tokenizer)
+    draft = quantize_model(load_model(path, device, getattr(torch, dtype), tp.rank(), tp.world_size()), "int8")
+    results["speculative"] = {"draft": generations(model, tokenizer, speculate="draft", draft_model=draft),
+                              "lookup": generations(model, tokenizer, speculate="lookup")}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -187,6 +192,14 @@ def test_serving_loop_ranks_step_together_on_rank_0s_requests(checkpoints, ranks
     assert served[f"r{len(SERVED) - 2}"][0] == 200  # unseeded: a seed drawn alike on both ranks
     status, error = served[f"r{len(SERVED) - 1}"]
     assert status == 400 and json.loads(error)["field"] == "top_p"
+
+
+def test_speculative_decoding_under_tp(checkpoints, ranks):
+    """A sharded int8 draft, or prompt lookup: greedy tokens as without speculation, sampled ones alike on both ranks."""
+    _, tokens = single_process(*checkpoints["tiny"])
+    for mode in ("draft", "lookup"):
+        assert ranks[0]["speculative"][mode][:4] == tokens[:4]
+        assert ranks[0]["speculative"][mode] == ranks[1]["speculative"][mode]
 
 
 def test_a_rank_holds_its_share_of_every_matrix(checkpoints):
