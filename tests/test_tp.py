@@ -195,7 +195,8 @@ def test_serving_loop_ranks_step_together_on_rank_0s_requests(checkpoints, ranks
 
 
 def test_speculative_decoding_under_tp(checkpoints, ranks):
-    """A sharded int8 draft, or prompt lookup: greedy tokens as without speculation, sampled ones alike on both ranks."""
+    """A sharded int8 draft, or prompt lookup: greedy tokens as without speculation; sampled ones alike on both
+    ranks."""
     _, tokens = single_process(*checkpoints["tiny"])
     for mode in ("draft", "lookup"):
         assert ranks[0]["speculative"][mode][:4] == tokens[:4]
