@@ -23,7 +23,8 @@ from gpt_fast.engine import Engine, default_max_seq_len
 from gpt_fast.model import Transformer
 from gpt_fast.quantized import quantize_model
 from gpt_fast.serving import (ACCEPTANCE_RATE, ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY,
-                              REQUESTS_FINISHED, TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, ServingLoop)
+                              PREFIX_CACHE_BLOCKS, PREFIX_CACHE_SAVED_TOKENS, REQUESTS_FINISHED, TIME_TO_FIRST_TOKEN,
+                              HandlerConfig, Reply, ServingLoop)
 from gpt_fast.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ METRICS = {
     GENERATED_TOKENS: (MetricTypes.COUNTER, "count", []),
     REQUESTS_FINISHED: (MetricTypes.COUNTER, "count", ["Reason"]),
     ACTIVE_SLOTS: (MetricTypes.GAUGE, "count", []),
+    PREFIX_CACHE_BLOCKS: (MetricTypes.COUNTER, "count", ["Event"]),
+    PREFIX_CACHE_SAVED_TOKENS: (MetricTypes.COUNTER, "count", []),
 }
 
 
@@ -58,14 +61,21 @@ class GptFastHandler:
                     loaded - start, device, tp.rank(), tp.world_size(), torch.get_num_threads(),
                     config.speculate or "off")
         max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
+        compile_cache = config.compile_cache_path(props["model_dir"])
+        if compile_cache:  # read by inductor at each compile: kernels compiled by an earlier start are reused
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
         # Under tensor parallelism every rank must draw the same seeds for requests that bring none.
         engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile,
-                        seed=tp.shared_seed(), speculate=config.speculate, speculate_k=config.speculate_k,
-                        draft_model=draft)
+                        seed=tp.shared_seed(), prefix_cache_bytes=config.prefix_cache_bytes(),
+                        speculate=config.speculate, speculate_k=config.speculate_k, draft_model=draft)
         self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))
         self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
-        logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s", config.compile,
-                    config.max_batch_size, max_seq_len, time.perf_counter() - loaded)
+        cache_hits = torch._dynamo.utils.counters["inductor"]
+        logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s; compile cache %s: "
+                    "%d graphs reused, %d compiled; prefix cache %d blocks", config.compile, config.max_batch_size,
+                    max_seq_len, time.perf_counter() - loaded, os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+                    cache_hits["fxgraph_cache_hit"], cache_hits["fxgraph_cache_miss"],
+                    engine.prefix_cache.num_blocks if engine.prefix_cache else 0)
 
     def handle(self, data: list[dict], ctx) -> list[bytes]:
         batch = [(ctx.request_ids[i], _body(item)) for i, item in enumerate(data)]

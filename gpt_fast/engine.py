@@ -2,6 +2,9 @@
 
 Active requests always occupy slots 0..n-1 (a finished request's slot is filled by moving the last one
 into it), so a decode step reads the cache prefix in place, and runs at the smallest batch bucket >= n.
+One admitted request at a time is being prefilled, in slot n. While others decode, a step prefills at most
+PREFILL_TOKENS_PER_STEP prompt tokens, so a long prompt joining a busy batch is prefilled in chunks between
+decode steps instead of stalling every running stream for the whole prompt.
 """
 import random
 from collections import deque
@@ -13,6 +16,7 @@ from torch import Tensor
 
 from .config import ModelArgs
 from .model import Transformer
+from .prefix_cache import PrefixCache
 from .request import Request, StepOutput
 from .runner import ModelRunner, batch_buckets, bucket, kv_buckets
 from .sampling import RowSampling, SamplingParams, greedy_sample, sample
@@ -20,6 +24,7 @@ from .speculative import Speculator
 from .tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 2048
+PREFILL_TOKENS_PER_STEP = 256
 SPECULATE_MODES = ("draft", "lookup")
 
 
@@ -38,6 +43,7 @@ class Completion:
     text: str
     finish_reason: str
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     draft_passes: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
@@ -45,9 +51,10 @@ class Completion:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int, max_seq_len: int,
-                 compile: bool = False, seed: Optional[int] = None, speculate: Optional[str] = None,
-                 speculate_k: int = 4, draft_model: Optional[Transformer] = None):
-        """speculate: None, "draft" (draft_model proposes speculate_k tokens per step) or "lookup" (prompt lookup)."""
+                 compile: bool = False, seed: Optional[int] = None, prefix_cache_bytes: int = 0,
+                 speculate: Optional[str] = None, speculate_k: int = 4, draft_model: Optional[Transformer] = None):
+        """prefix_cache_bytes: memory for cached prompt prefixes (0: off). speculate: None, "draft" (draft_model
+        proposes speculate_k tokens per step) or "lookup" (prompt lookup)."""
         if max_seq_len > model.args.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
                              f"{model.args.max_position_embeddings}")
@@ -58,9 +65,12 @@ class Engine:
         self.decode_buckets = batch_buckets(max_batch_size)
         self.kv_buckets = kv_buckets(max_seq_len)
         self.waiting: deque[Request] = deque()
-        self.active: list[Request] = []  # active[i].slot == i
+        self.active: list[Request] = []  # decoding; active[i].slot == i
+        self.prefilling: Optional[Request] = None  # admitted, prompt partly in its slot (len(self.active))
         self._rng = random.Random(seed)  # seeds for requests that bring none
         self.speculator = self._speculator(speculate, speculate_k, draft_model, compile)
+        # Built after every model has its KV cache: the pool holds each one's keys and values.
+        self.prefix_cache = PrefixCache([r.model for r in self._runners()], prefix_cache_bytes) if prefix_cache_bytes else None
 
     def _speculator(self, mode: Optional[str], k: int, draft_model: Optional[Transformer],
                     compile: bool) -> Optional[Speculator]:
@@ -80,9 +90,14 @@ class Engine:
             self.model.args.weight_bytes(_element_size(self.model))
         return Speculator(self.runner, draft, k, self.max_seq_len, draft_cost=cost)
 
+    def _runners(self) -> list[ModelRunner]:
+        """The models whose KV caches hold each request's sequence: filled, moved and prefix-cached together."""
+        draft = self.speculator.draft if self.speculator else None
+        return [self.runner] + ([draft] if draft else [])
+
     @property
     def num_active(self) -> int:
-        return len(self.active) + len(self.waiting)
+        return len(self.active) + len(self.waiting) + (self.prefilling is not None)
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; it is prefilled at the next step() with a free slot."""
@@ -91,7 +106,8 @@ class Engine:
         if len(prompt_ids) >= self.max_seq_len:
             raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens but the context holds "
                                      f"{self.max_seq_len} (at most {self.max_seq_len - 1} prompt tokens)")
-        if any(r.request_id == request_id for r in (*self.active, *self.waiting)):
+        in_flight = [*self.active, *self.waiting] + ([self.prefilling] if self.prefilling else [])
+        if any(r.request_id == request_id for r in in_flight):
             raise ValueError(f"request id {request_id!r} is already in flight")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         self.waiting.append(Request(request_id, list(prompt_ids), params, seed, self.tokenizer))
@@ -99,20 +115,34 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Forget a request at once and free its slot (the client went away)."""
         self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+        if self.prefilling is not None and self.prefilling.request_id == request_id:
+            self.prefilling = None
         for i, req in enumerate(self.active):
             if req.request_id == request_id:
                 self._free(i)
                 return
 
     def step(self) -> list[StepOutput]:
-        """One decode step for running requests, then prefill of newly admitted ones (their first token)."""
-        outputs = self._decode_step(self.active) if self.active else []
+        """One decode step for running requests, then prefill of admitted ones: all of it when nothing was
+        decoding, else at most PREFILL_TOKENS_PER_STEP prompt tokens. A prompt prefilled to its end yields its
+        first token."""
+        decoding = bool(self.active)
+        outputs = self._decode_step(self.active) if decoding else []
         self._retire()
-        while self.waiting and len(self.active) < self.max_batch_size:
-            req = self.waiting.popleft()
-            req.slot = len(self.active)
-            self.active.append(req)
-            outputs.append(self._prefill(req))
+        budget = PREFILL_TOKENS_PER_STEP if decoding else self.max_seq_len
+        while budget > 0 and self._admit():
+            req = self.prefilling
+            end = min(len(req.prompt_ids), req.prefilled + budget)
+            budget -= end - req.prefilled
+            logits = self._prefill(req, end)
+            if end == len(req.prompt_ids):
+                self.prefilling = None
+                self.active.append(req)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(req.prompt_ids, req.slot)
+                if self.speculator:
+                    self.speculator.admit(req, enabled=req.params.speculate)
+                outputs.append(self._append(req, self._pick([req], logits)))
         self._retire()
         return outputs
 
@@ -129,7 +159,7 @@ class Engine:
                 done[out.request_id].append(out)
         return [Completion(tokens=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
                            finish_reason=outs[-1].finish_reason, prompt_tokens=outs[-1].prompt_tokens,
-                           draft_passes=outs[-1].draft_passes, draft_tokens=outs[-1].draft_tokens,
+                           cached_tokens=outs[-1].cached_tokens, draft_passes=outs[-1].draft_passes, draft_tokens=outs[-1].draft_tokens,
                            accepted_tokens=outs[-1].accepted_tokens)
                 for outs in done.values()]
 
@@ -156,11 +186,24 @@ class Engine:
             new_tokens = [[t] for t in self._pick(reqs, logits[:, 0])]
         return [self._append(r, tokens) for r, tokens in zip(reqs, new_tokens)]
 
-    def _prefill(self, req: Request) -> StepOutput:
-        logits = self.runner.prefill(req.slot, req.prompt_ids, start=0)
-        if self.speculator:
-            self.speculator.admit(req, enabled=req.params.speculate)
-        return self._append(req, self._pick([req], logits))
+    def _admit(self) -> bool:
+        """Make sure a request is being prefilled (the next waiting one, if a slot is free); False if none."""
+        if self.prefilling is None and self.waiting and len(self.active) < self.max_batch_size:
+            req = self.prefilling = self.waiting.popleft()
+            req.slot = len(self.active)
+            if self.prefix_cache is not None:
+                req.cached_tokens = req.prefilled = self.prefix_cache.load(req.prompt_ids, req.slot)
+        return self.prefilling is not None
+
+    def _prefill(self, req: Request, end: int) -> Tensor:
+        """Prefill prompt tokens req.prefilled..end-1 into every model's slot; the target's logits [1, V] after
+        the last one. The draft gets the prompt too, opted out of speculation or not: cached prefixes hold both."""
+        tokens = req.prompt_ids[req.prefilled:end]
+        for runner in self._runners()[1:]:
+            runner.prefill(req.slot, tokens, start=req.prefilled)
+        logits = self.runner.prefill(req.slot, tokens, start=req.prefilled)
+        req.prefilled = end
+        return logits
 
     def _append(self, req: Request, tokens: list[int]) -> StepOutput:
         out = req.append(tokens, self.max_seq_len)
@@ -194,11 +237,15 @@ class Engine:
     def _free(self, index: int) -> None:
         last = self.active.pop()
         if index < len(self.active):
-            self.runner.copy_slot(last.slot, index)
-            if self.speculator and self.speculator.draft:
-                self.speculator.draft.copy_slot(last.slot, index)
-            last.slot = index
+            self._move_slot(last, index)
             self.active[index] = last
+        if self.prefilling is not None and self.prefilling.slot > len(self.active):
+            self._move_slot(self.prefilling, len(self.active))
+
+    def _move_slot(self, req: Request, slot: int) -> None:
+        for runner in self._runners():
+            runner.copy_slot(req.slot, slot)
+        req.slot = slot
 
 
 def _element_size(model: Transformer) -> int:

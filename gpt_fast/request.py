@@ -20,6 +20,7 @@ class StepOutput:
     finish_reason: Optional[str]  # "stop" | "length" | None while running
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     # Speculation so far: verify passes, tokens drafted, and how many of them the target accepted.
     draft_passes: int = 0
     draft_tokens: int = 0
@@ -38,6 +39,8 @@ class Request:
     seed: int
     tokenizer: Tokenizer
     slot: int = -1
+    prefilled: int = 0  # prompt tokens whose keys and values are in the slot
+    cached_tokens: int = 0  # of those, copied from the prefix cache
     generated: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     speculation: Optional["RowState"] = None
@@ -78,8 +81,8 @@ class Request:
         if self.finished and not self._stopped_by_string:
             text += self._release(self._detok.flush(), final=True)
         return StepOutput(self.request_id, new, text, self.finished, self.finish_reason,
-                          len(self.prompt_ids), len(self.generated), self.draft_passes, self.draft_tokens,
-                          self.accepted_tokens)
+                          len(self.prompt_ids), len(self.generated), self.cached_tokens, self.draft_passes,
+                          self.draft_tokens, self.accepted_tokens)
 
     def _release(self, delta: str, final: bool = False) -> str:
         """Return the text safe to show; hold back a tail that could still grow into a stop string."""

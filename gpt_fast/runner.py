@@ -10,7 +10,8 @@ from torch import Tensor
 
 from .model import Transformer
 
-PREFILL_BUCKETS = (16, 64, 256, 1024)
+# 128 is there for the rest of a prompt after a cached prefix (a 1000-token prompt with 900 cached prefills 104).
+PREFILL_BUCKETS = (16, 64, 128, 256, 1024)
 # Row steps attend to a cache prefix of one of these lengths (doubling from 256 up to max_seq_len), so a short
 # sequence does not read the whole static cache every step.
 MIN_KV_BUCKET = 256

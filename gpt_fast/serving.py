@@ -9,7 +9,7 @@ import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -19,6 +19,7 @@ from . import tp
 from .checkpoint import DTYPES
 from .config import quantization_scheme
 from .engine import SPECULATE_MODES, Engine, PromptTooLongError
+from .prefix_cache import PrefixCacheStats
 from .request import StepOutput
 from .sampling import InvalidParam, SamplingParams
 from .tokenizer import Tokenizer
@@ -36,6 +37,8 @@ GENERATED_TOKENS = "gpt_fast_generated_tokens_total"
 REQUESTS_FINISHED = "gpt_fast_requests_finished_total"
 ACTIVE_SLOTS = "gpt_fast_active_slots"
 ACCEPTANCE_RATE = "gpt_fast_speculative_acceptance_rate"  # per finished request: accepted / drafted tokens
+PREFIX_CACHE_BLOCKS = "gpt_fast_prefix_cache_blocks_total"  # event: hit | miss | evicted
+PREFIX_CACHE_SAVED_TOKENS = "gpt_fast_prefix_cache_saved_tokens_total"
 
 
 @dataclass
@@ -47,6 +50,11 @@ class HandlerConfig:
     compile: bool = True
     max_batch_size: Optional[int] = None  # None: the frontend's batchSize
     max_seq_len: Optional[int] = None  # None: min(2048, the model's max_position_embeddings)
+    # Memory for cached prompt prefixes (keys and values), in MiB; 0 turns prefix caching off.
+    prefix_cache_mb: float = 0
+    # Where compiled kernels are cached between starts (TORCHINDUCTOR_CACHE_DIR), relative to the model dir or
+    # absolute; None: torch's default, /tmp/torchinductor_<user>.
+    compile_cache_dir: Optional[str] = None
     # Defaults for requests that leave these out.
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -93,6 +101,8 @@ class HandlerConfig:
             raise ValueError(f"handler.max_batch_size: {self.max_batch_size} is not >= 1")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"handler.max_seq_len: {self.max_seq_len} is not >= 2")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"handler.prefix_cache_mb: {self.prefix_cache_mb} is not >= 0")
         if self.quantize is not None:
             try:
                 quantization_scheme(self.quantize, self.groupsize)
@@ -130,6 +140,12 @@ class HandlerConfig:
         """The draft's weights: draft_checkpoint, or the target's own checkpoint (to be quantized)."""
         return Path(model_dir) / (self.draft_checkpoint or self.checkpoint)
 
+    def compile_cache_path(self, model_dir: Union[str, Path]) -> Optional[Path]:
+        return Path(model_dir) / self.compile_cache_dir if self.compile_cache_dir else None
+
+    def prefix_cache_bytes(self) -> int:
+        return int(self.prefix_cache_mb * 2**20)
+
     def torch_device(self, gpu_id: Optional[int]) -> torch.device:
         """The GPU TorchServe assigned when there is one, else the CPU (no CUDA call on the CPU path)."""
         if self.device == "cpu" or (self.device == "auto" and gpu_id is None):
@@ -146,6 +162,7 @@ class HandlerConfig:
 
 # Types of the HandlerConfig fields that are not strings.
 _CONFIG_TYPES = {"compile": bool, "max_batch_size": int, "max_seq_len": (int, type(None)), "max_new_tokens": int,
+                 "prefix_cache_mb": float, "compile_cache_dir": (str, type(None)),
                  "top_k": int, "speculate_k": int, "temperature": float, "top_p": float, "stop": tuple,
                  "draft_checkpoint": (str, type(None)), "quantize": (str, type(None)), "speculate": (str, type(None)),
                  "draft_quantize": (str, type(None)),
@@ -288,6 +305,7 @@ class ServingLoop:
         self._active_slots = -1
         # Under tensor parallelism each step is a round of collectives: every rank must run the same steps.
         self._tensor_parallel = tp.world_size() > 1
+        self._prefix_stats_sent = PrefixCacheStats()
 
     def warmup(self) -> None:
         self._engine_thread.submit(self.engine.warmup).result()
@@ -325,10 +343,24 @@ class ServingLoop:
         if self.engine.num_active != self._active_slots:
             self._active_slots = self.engine.num_active
             self.emit(ACTIVE_SLOTS, self._active_slots)
+        if self.engine.prefix_cache is not None:
+            self._emit_prefix_stats(self.engine.prefix_cache.stats)
         if self.engine.num_active:
             self._running = self._engine_thread.submit(self._engine_steps)
         # Requests still waiting for a slot have nothing to say yet. (Only rank 0's replies are sent.)
         return [replies.get(rid) or Reply(b"", finished=False, first=False) for rid, _ in batch]
+
+    def _emit_prefix_stats(self, stats: PrefixCacheStats) -> None:
+        """What changed since the last call (the engine thread is not running)."""
+        sent = self._prefix_stats_sent
+        for event, now, before in (("hit", stats.hit_blocks, sent.hit_blocks),
+                                   ("miss", stats.miss_blocks, sent.miss_blocks),
+                                   ("evicted", stats.evicted_blocks, sent.evicted_blocks)):
+            if now > before:
+                self.emit(PREFIX_CACHE_BLOCKS, now - before, event=event)
+        if stats.saved_tokens > sent.saved_tokens:
+            self.emit(PREFIX_CACHE_SAVED_TOKENS, stats.saved_tokens - sent.saved_tokens)
+        self._prefix_stats_sent = replace(stats)
 
     def _engine_steps(self) -> tuple[list[StepOutput], float]:
         """Step until the next call collects (at least once); one merged output per request."""
@@ -395,7 +427,8 @@ class ServingLoop:
         tracked.text.append(out.text)
         if not out.finished:
             return Reply(b"", finished=False, first=False)
-        usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
+        usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                 "cached_tokens": out.cached_tokens}
         if self.engine.speculator:
             usage.update(draft_tokens=out.draft_tokens, accepted_tokens=out.accepted_tokens)
         answer = {"text": "".join(tracked.text), "finish_reason": out.finish_reason, "usage": usage}

@@ -118,14 +118,9 @@ class Speculator:
         self.min_tokens_per_pass = VERIFY_COST + k * draft_cost
 
     def admit(self, req: Request, enabled: bool) -> None:
-        """Set up a newly prefilled request: the draft's cache gets the prompt, lookup indexes it."""
-        req.speculation = RowState(enabled=enabled, tokens_per_pass=self.k + 1.0)
-        if not enabled:
-            return
-        if self.draft is not None:
-            self.draft.prefill(req.slot, req.prompt_ids, start=0)
-            req.speculation.draft_cached = len(req.prompt_ids)
-        else:
+        """Set up a newly prefilled request (the engine prefills the draft's slot with the target's)."""
+        req.speculation = RowState(enabled=enabled, tokens_per_pass=self.k + 1.0, draft_cached=len(req.prompt_ids))
+        if enabled and self.draft is None:
             req.speculation.lookup = NgramIndex()
             req.speculation.lookup.extend(req.prompt_ids)
 

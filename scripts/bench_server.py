@@ -4,18 +4,23 @@
     python scripts/bench_server.py --shape stories110M  # random weights of that shape, the tiny tokenizer
     python scripts/bench_server.py --checkpoint checkpoints/Llama-3.1-8B-Instruct --config model_config.yaml
 
-Reports time to first token and tokens/s of one stream (server vs in-process engine, same settings), and
-aggregate tokens/s with 1, 4 and 8 concurrent streams. Greedy, fixed prompts, so every run generates the
+Reports time to first token and tokens/s of one stream (server vs in-process engine, same settings),
+aggregate tokens/s with 1, 4 and 8 concurrent streams, time to first token of a ~1000-token prompt whose
+first ~900 tokens are a cached prefix vs one with no cached prefix (the handler config's prefix_cache_mb), and
+the time from `serve.sh start` to the first streamed token of a first start (empty compile cache) and a
+second start (the compile cache the first one filled). Greedy, fixed prompts, so every run generates the
 same tokens; the token counts come from a `stream: false` run of each prompt.
 """
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -32,6 +37,7 @@ from gpt_fast.tiny import build_tiny  # noqa: E402
 from gpt_fast.tokenizer import load_tokenizer  # noqa: E402
 from local_server import ROOT, LocalServer  # noqa: E402
 
+SHARED_PREFIX_TOKENS, PREFIX_PROMPT_TOKENS = 900, 1000
 PROMPTS = ["The capital of France", "Once upon a time there was a little", "Bread and butter",
            "The river ran past the old mill", "In the morning the market", "She opened the letter and",
            "Three ships sailed", "A quiet street in the rain"]
@@ -84,12 +90,81 @@ def concurrent(server: LocalServer, clients: int, per_client: int, new_tokens: i
     return sum(tokens) / (time.perf_counter() - t0)
 
 
-def in_process(checkpoint: Path, config: HandlerConfig, new_tokens: int) -> tuple[float, float]:
-    """(TTFT s, decode tokens/s) of one request through the engine with the handler's settings."""
+def prefix_prompts(tokenizer, runs: int) -> tuple[list[str], list[str]]:
+    """Texts of ~PREFIX_PROMPT_TOKENS tokens: `runs` that share no prefix with anything (uncached) and
+    1 + `runs` that share their first ~SHARED_PREFIX_TOKENS tokens (the first one fills the cache); one more
+    of each for the token counts."""
+    words = " ".join(PROMPTS * 200).split(" ")
+
+    def text(start: int, tokens: int) -> str:  # the fewest words from `start` that make `tokens` tokens
+        low, high = start + 1, start + tokens  # every word is at least one token
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (mid + 1, high) if len(tokenizer.encode(" ".join(words[start:mid]))) < tokens else (low, mid)
+        return " ".join(words[start:low])
+
+    shared = text(0, SHARED_PREFIX_TOKENS)
+    suffix = PREFIX_PROMPT_TOKENS - SHARED_PREFIX_TOKENS
+    cached = [shared + " " + text(300 + 60 * i, suffix) for i in range(runs + 2)]
+    uncached = [f"Request {i}. " + text(1000 + 300 * i, PREFIX_PROMPT_TOKENS) for i in range(runs + 1)]
+    return uncached, cached
+
+
+def engine_prefix_ttft(engine: Engine, tokenizer) -> dict:
+    """Median TTFT (s) of the uncached and cached prefix prompts; prompt and cached tokens of one more."""
+    uncached, cached = prefix_prompts(tokenizer, 3)
+    result = {}
+    for name, prompts in (("uncached", uncached), ("cached", cached)):
+        times = []
+        for prompt in prompts:
+            engine.add("bench", tokenizer.encode(prompt), SamplingParams(max_new_tokens=1))
+            t0 = time.perf_counter()
+            (out,) = engine.step()
+            times.append(time.perf_counter() - t0)
+        result[name] = statistics.median(times[-4:-1])
+        result[f"{name}_tokens"] = (out.prompt_tokens, out.cached_tokens)
+    return result
+
+
+def server_prefix_ttft(server: LocalServer, tokenizer) -> dict:
+    uncached, cached = prefix_prompts(tokenizer, 3)
+    result = {}
+    for name, prompts in (("uncached", uncached), ("cached", cached)):
+        ttfts = [first - start for start, first, _ in (stream_one(server, p, 1) for p in prompts[:-1])]
+        result[name] = statistics.median(ttfts[-3:])
+        usage = server.post({"prompt": prompts[-1], "max_new_tokens": 1, "stream": False}).json()["usage"]
+        result[f"{name}_tokens"] = (usage["prompt_tokens"], usage["cached_tokens"])
+    return result
+
+
+def call_times(server: LocalServer) -> tuple[float, float]:
+    """Median ms per handler call (TorchServe's 'Backend response time') and between a reply and the next
+    call (the frontend's round trip), from the frontend's log of the whole run."""
+    stamps, backend = [], []
+    for line in server.log("ts_log.log").splitlines():
+        if "Backend response time:" in line:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%dT%H:%M:%S,%f").timestamp()
+            if stamps and stamps[-1] == stamp:
+                continue  # TorchServe writes each of these lines twice
+            stamps.append(stamp)
+            backend.append(float(line.rsplit(":", 1)[1]))
+    gaps = [(stamps[i + 1] - stamps[i]) * 1e3 - backend[i + 1] for i in range(len(stamps) - 1)]
+    return statistics.median(backend), statistics.median(gaps)
+
+
+def start_to_first_token(server: LocalServer) -> float:
+    t0 = time.perf_counter()
+    server.start()
+    _, first, _ = stream_one(server, PROMPTS[0], 8)
+    return first - t0
+
+
+def in_process(checkpoint: Path, config: HandlerConfig, new_tokens: int) -> tuple[float, float, dict]:
+    """(TTFT s, decode tokens/s, prefix TTFTs) of requests through the engine with the handler's settings."""
     model = load_model(checkpoint, "cpu" if not torch.cuda.is_available() else "cuda", config.torch_dtype())
     tokenizer = load_tokenizer(checkpoint, model.args.tokenizer, model.args.stop_token_ids)
     engine = Engine(model, tokenizer, config.max_batch_size, config.max_seq_len or default_max_seq_len(model.args),
-                    compile=config.compile)
+                    compile=config.compile, prefix_cache_bytes=config.prefix_cache_bytes())
     engine.warmup()
     ttfts, rates = [], []
     for prompt in PROMPTS[:3] * 2:
@@ -102,7 +177,7 @@ def in_process(checkpoint: Path, config: HandlerConfig, new_tokens: int) -> tupl
             n += sum(len(o.token_ids) for o in engine.step())
         ttfts.append(t1 - t0)
         rates.append((n - 1) / (time.perf_counter() - t1))
-    return statistics.median(ttfts), statistics.median(rates)
+    return statistics.median(ttfts), statistics.median(rates), engine_prefix_ttft(engine, tokenizer)
 
 
 def main() -> None:
@@ -122,17 +197,22 @@ def main() -> None:
     name = a.checkpoint or a.shape or "tiny"
     frontend = yaml.safe_load(a.config.read_text())
     frontend["batchSize"] = max(frontend["batchSize"], *a.concurrency)
+    frontend["startupTimeout"] = 3600  # compiling every bucket on a shared 2-core machine can take minutes
     if a.compile != "config":
         frontend["handler"]["compile"] = a.compile == "on"
+    # An empty compile cache of its own, so the first start compiles everything and the second reuses it.
+    frontend["handler"]["compile_cache_dir"] = str(work / "compile-cache")
     config_path = work / "model_config.yaml"
     config_path.write_text(yaml.safe_dump(frontend))
     config = HandlerConfig.from_dict(frontend["handler"], frontend["batchSize"])
 
-    ttft_engine, tps_engine = in_process(checkpoint, config, a.new_tokens)
+    ttft_engine, tps_engine, prefix_engine = in_process(checkpoint, config, a.new_tokens)
+    load = {"before": os.getloadavg()}
     server = LocalServer(work / "run", name="bench", start_timeout=3600)
-    t0 = time.perf_counter()
-    server.archive_and_start(checkpoint, config_path)
-    start_s = time.perf_counter() - t0
+    server.archive(checkpoint, config_path)
+    first_start = start_to_first_token(server)
+    load["first start"] = os.getloadavg()
+    tokenizer = load_tokenizer(checkpoint)
     try:
         counts = {p: server.post({"prompt": p, "max_new_tokens": a.new_tokens, "stream": False})
                   .json()["usage"]["completion_tokens"] for p in PROMPTS}
@@ -141,24 +221,44 @@ def main() -> None:
         tps_server = statistics.median((counts[p] - 1) / (end - first)
                                        for p, (_, first, end) in zip(PROMPTS[:3] * 2, singles))
         aggregate = {c: concurrent(server, c, 2, a.new_tokens, counts) for c in a.concurrency}
+        prefix_server = server_prefix_ttft(server, tokenizer)
+        handler_ms, frontend_ms = call_times(server)
+        load["server runs"] = os.getloadavg()
+        server.stop()
+        second_start = start_to_first_token(server)
+        load["second start"] = os.getloadavg()
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\n{name} with {a.config.name} (compile={config.compile}), {a.new_tokens} new tokens, "
-          f"torch {torch.__version__}; server start {start_s:.0f} s")
+          f"torch {torch.__version__}; load averages (1, 5, 15 min): "
+          + "; ".join(f"{k} {' '.join(f'{x:.1f}' for x in v)}" for k, v in load.items()))
     print("| measure | in-process engine | TorchServe | server / engine |\n|---|---|---|---|")
     print(f"| TTFT, 1 stream (ms) | {ttft_engine * 1e3:.1f} | {ttft_server * 1e3:.1f} | |")
     print(f"| tokens/s, 1 stream | {tps_engine:.1f} | {tps_server:.1f} | {tps_server / tps_engine:.2f} |")
     for c, tps in aggregate.items():
         print(f"| aggregate tokens/s, {c} streams | | {tps:.1f} | {tps / aggregate[a.concurrency[0]]:.2f}x of "
               f"{a.concurrency[0]} stream(s) |")
+    for label, key in (("no cached prefix", "uncached"), ("cached prefix", "cached")):
+        (pe, ce), (ps, cs) = prefix_engine[f"{key}_tokens"], prefix_server[f"{key}_tokens"]
+        print(f"| TTFT ms, {label} (prompt/cached tokens {pe}/{ce} engine, {ps}/{cs} server) | "
+              f"{prefix_engine[key] * 1e3:.1f} | {prefix_server[key] * 1e3:.1f} | |")
+    print(f"| TTFT speed-up from the prefix cache | {prefix_engine['uncached'] / prefix_engine['cached']:.1f}x | "
+          f"{prefix_server['uncached'] / prefix_server['cached']:.1f}x | |")
+    print(f"| per TorchServe call: ms in the handler / ms in the frontend between calls | | "
+          f"{handler_ms:.1f} / {frontend_ms:.1f} | |")
+    print(f"| start to first token, s: first start / second start | | {first_start:.1f} / {second_start:.1f} | "
+          f"{first_start / second_start:.1f}x faster |")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"checkpoint": str(name), "config": str(a.config),
                                   "compile": config.compile, "torch": torch.__version__, "new_tokens": a.new_tokens,
                                   "engine": {"ttft_s": ttft_engine, "tokens_per_s": tps_engine},
+                                  "prefix_ttft_s": {"engine": prefix_engine, "server": prefix_server},
+                                  "load": load, "call_ms": {"handler": handler_ms, "frontend": frontend_ms},
                                   "server": {"ttft_s": ttft_server, "tokens_per_s": tps_server,
-                                             "start_s": start_s, "aggregate_tokens_per_s": aggregate}}, indent=2))
+                                             "start_to_first_token_s": [first_start, second_start],
+                                             "aggregate_tokens_per_s": aggregate}}, indent=2))
     print(f"wrote {a.json}")
 
 

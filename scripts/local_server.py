@@ -40,12 +40,20 @@ class LocalServer:
 
     def archive_and_start(self, checkpoint: Path, config: Path, more: tuple[tuple[str, Path], ...] = ()) -> None:
         """Serve `checkpoint` with `config` as self.name, plus (name, config) more models of it."""
-        archives = [("archive.sh", str(checkpoint), "--name", name, "--config", str(conf))
-                    for name, conf in [(self.name, config), *more]]
-        for args in (*archives, ("serve.sh", "start")):
-            done = self.script(*args, timeout=3600)
-            if done.returncode:
-                raise RuntimeError(f"{args[0]} failed:\n{done.stdout}{done.stderr}")
+        for name, conf in [(self.name, config), *more]:
+            self.archive(checkpoint, conf, name)
+        self.start()
+
+    def archive(self, checkpoint: Path, config: Path, name: Optional[str] = None) -> None:
+        self._run("archive.sh", str(checkpoint), "--name", name or self.name, "--config", str(config))
+
+    def start(self) -> None:
+        self._run("serve.sh", "start")
+
+    def _run(self, *args: str) -> None:
+        done = self.script(*args, timeout=3600)
+        if done.returncode:
+            raise RuntimeError(f"{args[0]} failed:\n{done.stdout}{done.stderr}")
 
     def stop(self) -> subprocess.CompletedProcess:
         return self.script("serve.sh", "stop")

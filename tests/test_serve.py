@@ -18,8 +18,8 @@ import requests
 from gpt_fast.checkpoint import load_model
 from gpt_fast.engine import Engine
 from gpt_fast.sampling import SamplingParams
-from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, REQUESTS_FINISHED,
-                              TIME_TO_FIRST_TOKEN)
+from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, PREFIX_CACHE_BLOCKS,
+                              PREFIX_CACHE_SAVED_TOKENS, REQUESTS_FINISHED, TIME_TO_FIRST_TOKEN)
 from gpt_fast.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -40,6 +40,7 @@ continuousBatching: true
 handler:
   compile: false
   max_seq_len: {MAX_SEQ_LEN}
+  prefix_cache_mb: 4
 """
 REQUEST = json.loads((ROOT / "request.json").read_text())
 # The same model served with speculative decoding, drafting with its own weights.
@@ -119,7 +120,7 @@ def test_streamed_equals_non_streamed_equals_engine(server, engine):
     assert answer["text"] == text == expected.text
     assert answer["finish_reason"] == "length"  # the tiny model never emits eos
     assert answer["usage"] == {"prompt_tokens": expected.prompt_tokens,
-                               "completion_tokens": REQUEST["max_new_tokens"]}
+                               "completion_tokens": REQUEST["max_new_tokens"], "cached_tokens": 0}
 
 
 def test_speculative_model_streams_the_plain_greedy_text(server, engine):
@@ -280,3 +281,15 @@ def test_metrics_endpoint_lists_our_metrics(server):
         assert re.search(rf"^{name}_count{{.*}} [1-9]", text, re.M), name
     assert metric(server, GENERATED_TOKENS) >= REQUEST["max_new_tokens"]
     assert metric(server, REQUESTS_FINISHED, 'Reason="length"') >= 1
+
+
+def test_shared_prefix_is_served_from_the_cache(server, engine):
+    system = "The river ran past the old mill and the children watched the water turn the wheel. "
+    bodies = [{"prompt": system + q, "max_new_tokens": 12, "stream": False} for q in ("Who?", "Why not?")]
+    saved_before = metric(server, PREFIX_CACHE_SAVED_TOKENS)
+    answers = [server.post(body).json() for body in bodies]
+    assert [a["text"] for a in answers] == [solo(engine, body).text for body in bodies]
+    cached = answers[1]["usage"]["cached_tokens"]
+    assert cached >= 16 and cached % 16 == 0
+    assert metric(server, PREFIX_CACHE_SAVED_TOKENS) - saved_before >= cached
+    assert metric(server, PREFIX_CACHE_BLOCKS, 'Event="hit"') >= cached // 16

@@ -7,9 +7,9 @@ import torch
 from gpt_fast.checkpoint import load_model
 from gpt_fast.engine import Engine
 from gpt_fast.sampling import SamplingParams
-from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, JSON, REQUESTS_FINISHED, TEXT,
-                              TIME_TO_FIRST_TOKEN, HandlerConfig, Reply, RequestError, ServingLoop,
-                              parse_request)
+from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, JSON, PREFIX_CACHE_BLOCKS,
+                              PREFIX_CACHE_SAVED_TOKENS, REQUESTS_FINISHED, TEXT, TIME_TO_FIRST_TOKEN, HandlerConfig,
+                              Reply, RequestError, ServingLoop, parse_request)
 from gpt_fast.tokenizer import load_tokenizer
 
 DEFAULTS = SamplingParams(max_new_tokens=16)
@@ -25,8 +25,8 @@ def test_handler_config_defaults_and_errors():
     for bad in ({"max_seq_lne": 8}, {"compile": "yes"}, {"max_seq_len": True}, {"dtype": "int8"},
                 {"device": "tpu"}, {"top_p": 0}, {"temperature": float("nan")}, {"max_batch_size": 0},
                 {"quantize": "int3"}, {"quantize": "int4", "groupsize": 48}, {"quantize": "int8", "groupsize": 32},
-                {"groupsize": 64}, {"speculate": "medusa"}, {"speculate": "draft"},
-                {"speculate": "lookup", "draft_checkpoint": "d"}, {"draft_quantize": "int4"},
+                {"groupsize": 64}, {"prefix_cache_mb": -1}, {"compile_cache_dir": 3}, {"speculate": "medusa"},
+                {"speculate": "draft"}, {"speculate": "lookup", "draft_checkpoint": "d"}, {"draft_quantize": "int4"},
                 {"speculate": "draft", "draft_quantize": "fp8"}, {"speculate": "lookup", "speculate_k": 0}):
         with pytest.raises(ValueError):
             HandlerConfig.from_dict(bad, 8)
@@ -36,6 +36,9 @@ def test_handler_config_defaults_and_errors():
     assert (quantized.quantize, quantized.groupsize) == ("int4", 64)
     self_draft = HandlerConfig.from_dict({"speculate": "draft", "draft_quantize": "int4"}, 8)
     assert str(self_draft.draft_checkpoint_path("/models/x")) == "/models/x/checkpoint"
+    caching = HandlerConfig.from_dict({"prefix_cache_mb": 1.5, "compile_cache_dir": "compiled"}, 8)
+    assert caching.prefix_cache_bytes() == 3 * 2**19 and HandlerConfig.from_dict({}, 8).prefix_cache_bytes() == 0
+    assert str(caching.compile_cache_path("/models/x")) == "/models/x/compiled"
 
 
 def test_device_follows_the_gpu_torchserve_assigns():
@@ -77,11 +80,14 @@ def parts(tiny_checkpoint):
     return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)
 
 
-def make_loop(parts, max_batch_size=4):
+def make_loop(parts, max_batch_size=4, prefix_cache_bytes=0, values=False):
+    """The loop and the metric events it emits: (name, labels), or (name, value, labels) with values=True."""
     model, tokenizer = parts
     events = []
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=64)
-    loop = ServingLoop(engine, tokenizer, DEFAULTS, lambda name, value, **labels: events.append((name, labels)))
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=64,
+                    prefix_cache_bytes=prefix_cache_bytes)
+    loop = ServingLoop(engine, tokenizer, DEFAULTS, lambda name, value, **labels: events.append(
+        (name, value, labels) if values else (name, labels)))
     return loop, events
 
 
@@ -111,7 +117,8 @@ def test_loop_streams_answers_and_rejects_alone(parts):
     # stream: false sends nothing visible until the whole answer.
     assert [r.body for r in replies["n"][:-1]] == [b""] * 5 and replies["n"][0].content_type == JSON
     assert json.loads(replies["n"][-1].body) == {"text": expected.text, "finish_reason": "length",
-                                                 "usage": {"prompt_tokens": 3, "completion_tokens": 5}}
+                                                 "usage": {"prompt_tokens": 3, "completion_tokens": 5,
+                                                           "cached_tokens": 0}}
     assert [(r.first, r.finished) for r in replies["one"]] == [(True, False), (False, True)]
     # A rejected request is done on its first reply (the handler makes that a plain, complete response).
     (bad,) = replies["bad"]
@@ -152,3 +159,19 @@ def test_loop_frees_every_slot_when_the_engine_fails(parts, monkeypatch):
     with pytest.raises(RuntimeError, match="device lost"):
         loop.step([("a", None), ("b", None)])
     assert not loop.tracked and loop.engine.num_active == 0
+
+
+def test_loop_reports_prefix_cache_hits(parts):
+    loop, events = make_loop(parts, prefix_cache_bytes=2**20, values=True)
+    system = "Once upon a time there was a little mill by the river. "
+    answers = [run(loop, {rid: {"prompt": system + question, "stream": False}})[rid][-1]
+               for rid, question in (("a", "Who lived there?"), ("b", "What did they eat?"))]
+    usage = [json.loads(answer.body)["usage"] for answer in answers]
+    assert usage[0]["cached_tokens"] == 0 and usage[1]["cached_tokens"] == 16
+    totals = {}
+    for name, value, labels in events:
+        if name in (PREFIX_CACHE_BLOCKS, PREFIX_CACHE_SAVED_TOKENS):
+            key = (name, *labels.values())
+            totals[key] = totals.get(key, 0) + value
+    assert totals[(PREFIX_CACHE_SAVED_TOKENS,)] == 16 and totals[(PREFIX_CACHE_BLOCKS, "hit")] == 1
+    assert totals[(PREFIX_CACHE_BLOCKS, "miss")] == sum((u["prompt_tokens"] - 1) // 16 for u in usage) - 1
