@@ -24,7 +24,7 @@ from gpt_fast.checkpoint import DTYPES, load_model  # noqa: E402
 from gpt_fast.config import NAMED_SHAPES, ModelArgs, scheme_name  # noqa: E402
 from gpt_fast.engine import Engine  # noqa: E402
 from gpt_fast.model import Transformer  # noqa: E402
-from gpt_fast.quantized import quantize_model  # noqa: E402
+from gpt_fast.quantized import pack_for_device, quantize_model  # noqa: E402
 from gpt_fast.sampling import SamplingParams  # noqa: E402
 from gpt_fast.tokenizer import load_tokenizer  # noqa: E402
 
@@ -63,8 +63,10 @@ def read_bandwidth(device: torch.device) -> float:
 
 def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
     torch.manual_seed(0)
-    with torch.device(device):
+    # Allocated in dtype directly: a float32 build first would need 187 GB for Mixtral 8x7B.
+    with torch.device("meta"):
         model = Transformer(args).to(dtype)
+    model = model.to_empty(device=device)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     model.tie_weights()
@@ -174,10 +176,15 @@ def main() -> None:
                 model = sharded_random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device, dtype)
                 tokenizer = NoTextTokenizer()
             else:
-                model = random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device, dtype)
+                # Quantized rows are built and quantized on the CPU, then moved: the device never holds the
+                # unquantized weights (Mixtral 8x7B: 93 GB in bf16, 47 GB in int8).
+                model = random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device if quant == "none" else
+                                     torch.device("cpu"), dtype)
                 tokenizer = NoTextTokenizer()
             if quant != "none":
-                quantize_model(model, quant, a.groupsize if quant == "int4" else None)
+                quantize_model(model, quant, a.groupsize if quant == "int4" else None, pack=False)
+                model.to(device)
+                pack_for_device(model)
             weights = scheme_name(model.args.quantization)
             bytes_per_token = model.args.weight_bytes(torch.finfo(dtype).bits / 8)
             runners = [(f"gpt-fast-serve {'compiled' if c else 'eager'}{ranks}",
