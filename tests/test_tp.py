@@ -20,6 +20,7 @@ from gpt_fast.config import ModelArgs
 from gpt_fast.engine import Engine
 from gpt_fast.model import Transformer
 from gpt_fast.quantize import quantize_checkpoint
+from gpt_fast.quantized import quantize_model
 from gpt_fast.sampling import SamplingParams
 from gpt_fast.serving import ServingLoop
 from gpt_fast.tokenizer import load_tokenizer
@@ -47,9 +48,9 @@ def logits_of(model: Transformer) -> torch.Tensor:
     return torch.cat([prefill, decode], dim=1)
 
 
-def generations(model: Transformer, tokenizer) -> list[list[int]]:
+def generations(model: Transformer, tokenizer, **speculation) -> list[list[int]]:
     """Greedy and sampled continuations of every prompt, batched (4 slots for 8 requests)."""
-    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128, seed=tp.shared_seed())
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128, seed=tp.shared_seed(), **speculation)
     prompts = [tokenizer.encode(p) for p in PROMPTS] * 2
     return [c.tokens for c in engine.generate(prompts, [GREEDY] * 4 + [SAMPLED] * 4)]
 
@@ -93,7 +94,11 @@ def rank_main(rank: int, port: int, checkpoints: list[tuple[str, str]], out_dir:
         results[path, dtype] = (logits_of(model), generations(model, tokenizer))
     path, dtype = checkpoints[0]
     model = load_model(path, device, getattr(torch, dtype), tp.rank(), tp.world_size())
-    results["served"] = serve(model, load_tokenizer(Path(path)))
+    tokenizer = load_tokenizer(Path(path))
+    results["served"] = serve(model, tokenizer)
+    draft = quantize_model(load_model(path, device, getattr(torch, dtype), tp.rank(), tp.world_size()), "int8")
+    results["speculative"] = {"draft": generations(model, tokenizer, speculate="draft", draft_model=draft),
+                              "lookup": generations(model, tokenizer, speculate="lookup")}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -129,7 +134,14 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, tuple[str, str]]
 def ranks(checkpoints, tmp_path_factory) -> list[dict]:
     """What each of 2 ranks computed for every checkpoint (one spawn for all: starting ranks costs seconds)."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(rank_main, args=(free_port(), list(checkpoints.values()), str(out)), nprocs=WORLD)
+    spawned = mp.spawn(rank_main, args=(free_port(), list(checkpoints.values()), str(out)), nprocs=WORLD,
+                       join=False)
+    deadline = time.monotonic() + 600
+    while not spawned.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:  # ranks out of step wait for each other until gloo's 30 min timeout
+            for process in spawned.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish within 600 s")
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -182,6 +194,15 @@ def test_serving_loop_ranks_step_together_on_rank_0s_requests(checkpoints, ranks
     assert status == 400 and json.loads(error)["field"] == "top_p"
 
 
+def test_speculative_decoding_under_tp(checkpoints, ranks):
+    """A sharded int8 draft, or prompt lookup: greedy tokens as without speculation; sampled ones alike on both
+    ranks."""
+    _, tokens = single_process(*checkpoints["tiny"])
+    for mode in ("draft", "lookup"):
+        assert ranks[0]["speculative"][mode][:4] == tokens[:4]
+        assert ranks[0]["speculative"][mode] == ranks[1]["speculative"][mode]
+
+
 def test_a_rank_holds_its_share_of_every_matrix(checkpoints):
     for name in ("int8", "moe"):
         full = load_model(checkpoints[name][0], "cpu", torch.float32)
@@ -215,9 +236,9 @@ def test_torchrun_generate_prints_once_and_matches(tiny_checkpoint):
     args = ["--checkpoint", str(tiny_checkpoint), "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--device", "cpu",
             "--dtype", "float32", "--json"]
     one = subprocess.run([sys.executable, "-m", "gpt_fast.generate", *args], capture_output=True, text=True,
-                         check=True)
+                         check=True, timeout=300)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-                          "-m", "gpt_fast.generate", *args], capture_output=True, text=True)
+                          "-m", "gpt_fast.generate", *args], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     lines = two.stdout.splitlines()
     assert len(lines) == 1  # rank 0 alone prints
