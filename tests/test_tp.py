@@ -99,6 +99,7 @@ def rank_main(rank: int, port: int, checkpoints: list[tuple[str, str]], out_dir:
     draft = quantize_model(load_model(path, device, getattr(torch, dtype), tp.rank(), tp.world_size()), "int8")
     results["speculative"] = {"draft": generations(model, tokenizer, speculate="draft", draft_model=draft),
                               "lookup": generations(model, tokenizer, speculate="lookup")}
+    results["prefix cached"] = generations(model, tokenizer, prefix_cache_bytes=1 << 20)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -201,6 +202,14 @@ def test_speculative_decoding_under_tp(checkpoints, ranks):
     for mode in ("draft", "lookup"):
         assert ranks[0]["speculative"][mode][:4] == tokens[:4]
         assert ranks[0]["speculative"][mode] == ranks[1]["speculative"][mode]
+
+
+def test_prefix_cache_under_tp(checkpoints, ranks):
+    """Each rank caches its own kv heads' prompt blocks (the repeated long prompt hits): the plain greedy tokens,
+    and the same sampled tokens on every rank."""
+    _, tokens = single_process(*checkpoints["tiny"])
+    assert ranks[0]["prefix cached"][:4] == tokens[:4]
+    assert ranks[0]["prefix cached"] == ranks[1]["prefix cached"]
 
 
 def test_a_rank_holds_its_share_of_every_matrix(checkpoints):
