@@ -70,7 +70,9 @@ class Engine:
         self._rng = random.Random(seed)  # seeds for requests that bring none
         self.speculator = self._speculator(speculate, speculate_k, draft_model, compile)
         # Built after every model has its KV cache: the pool holds each one's keys and values.
-        self.prefix_cache = PrefixCache([r.model for r in self._runners()], prefix_cache_bytes) if prefix_cache_bytes else None
+        self.prefix_cache = None
+        if prefix_cache_bytes:
+            self.prefix_cache = PrefixCache([r.model for r in self._runners()], prefix_cache_bytes)
 
     def _speculator(self, mode: Optional[str], k: int, draft_model: Optional[Transformer],
                     compile: bool) -> Optional[Speculator]:
@@ -159,8 +161,8 @@ class Engine:
                 done[out.request_id].append(out)
         return [Completion(tokens=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
                            finish_reason=outs[-1].finish_reason, prompt_tokens=outs[-1].prompt_tokens,
-                           cached_tokens=outs[-1].cached_tokens, draft_passes=outs[-1].draft_passes, draft_tokens=outs[-1].draft_tokens,
-                           accepted_tokens=outs[-1].accepted_tokens)
+                           cached_tokens=outs[-1].cached_tokens, draft_passes=outs[-1].draft_passes,
+                           draft_tokens=outs[-1].draft_tokens, accepted_tokens=outs[-1].accepted_tokens)
                 for outs in done.values()]
 
     def warmup(self) -> None:

@@ -20,7 +20,8 @@ from test_convert import randomize
 
 # 4 experts, top-2: one or two tokens take the gather path (decode at batch 1 and 2), more the all-experts path.
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+             rms_norm_eps=1e-5)
 PROMPTS = ["The capital of France", "Once upon a time there was a little", "A",
            "The river ran past the old mill and the children watched the water turn the wheel all day long"]
 
