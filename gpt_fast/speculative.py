@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .request import Request
-from .runner import ModelRunner
+from .runner import ModelRunner, bucket
 from .sampling import RowSampling, probabilities, sample, sample_from, uniform_noise
 
 # A verify pass over k + 1 tokens costs about this many plain decode steps (measured on CPU, BENCHMARKS.md).
@@ -61,7 +61,7 @@ class RowState:
     lookup: Optional[NgramIndex] = None
     proposal: list[int] = field(default_factory=list)
 
-    def record(self, drafted: int, accepted: int, min_tokens_per_pass: float) -> None:
+    def record(self, accepted: int, min_tokens_per_pass: float) -> None:
         self.tokens_per_pass = 0.5 * self.tokens_per_pass + 0.5 * (accepted + 1)
         if self.tokens_per_pass < min_tokens_per_pass:
             self.skip, self.backoff = self.backoff, min(4 * self.backoff, MAX_BACKOFF)
@@ -133,7 +133,7 @@ class Speculator:
         """One draft-and-verify step for rows 0..len(reqs)-1 (batch >= len(reqs) rows run), drafting ks[b] tokens
         for row b (from plan()); returns each request's new tokens. sampling None: every row is greedy."""
         lengths = [r.num_tokens for r in reqs]
-        kv_len = next(b for b in kv_buckets if b > max(n - 1 + k for n, k in zip(lengths, ks)))
+        kv_len = bucket(kv_buckets, max(n + k for n, k in zip(lengths, ks)))  # past the last draft's position
         pad = batch - len(reqs)
         ks_pad = ks + [0] * pad
         if self.draft is not None:
@@ -152,7 +152,7 @@ class Speculator:
                 r.draft_passes += 1
                 r.draft_tokens += k
                 r.accepted_tokens += count - 1
-                r.speculation.record(k, count - 1, self.min_tokens_per_pass)
+                r.speculation.record(count - 1, self.min_tokens_per_pass)
                 if self.draft is not None:  # the draft cached the last token and its drafts up to the first reject
                     r.speculation.draft_cached = n + min(count - 1, k - 1)
             out.append(row[:count])
