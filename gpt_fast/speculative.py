@@ -6,9 +6,10 @@ target's distribution exactly; greedy output equals plain greedy decoding token 
 batch drafts and accepts its own number of tokens: positions are per row, so stale cache entries past a row's
 accepted tokens are simply overwritten later and never read before that.
 
-A row whose drafts stop paying off (too few accepted tokens per verify pass for what a pass costs) backs off:
-it decodes plainly for 1, 4, 16, then 64 steps before it drafts again. The decision depends only on the row's
-own history, so a seeded request gives the same tokens whatever shares its batch.
+A row whose drafts do not pay (a pass that accepts nothing, or too few accepted tokens per pass on average for
+what a pass costs) backs off: it decodes plainly for 1, 4, 16, then 64 steps before it drafts again. The
+decision depends only on the row's own history, so a seeded request gives the same tokens whatever shares its
+batch.
 """
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -63,7 +64,7 @@ class RowState:
 
     def record(self, accepted: int, min_tokens_per_pass: float) -> None:
         self.tokens_per_pass = 0.5 * self.tokens_per_pass + 0.5 * (accepted + 1)
-        if self.tokens_per_pass < min_tokens_per_pass:
+        if accepted == 0 or self.tokens_per_pass < min_tokens_per_pass:
             self.skip, self.backoff = self.backoff, min(4 * self.backoff, MAX_BACKOFF)
         else:
             self.backoff = 1
