@@ -1,11 +1,11 @@
 """An inductor graph pass for compiled CPU decode: one-row matmuls become fused multiply-and-sum reductions.
 
 A batch-1 decode step multiplies a single activation row by every weight matrix, so it is bound by how fast the
-weights stream from memory. Compiled as calls to oneDNN's GEMV, the stories110M step is ~80% matmul and runs at
-~0.6x the speed of the same step with each matmul lowered as inductor's own vectorized reduction (BENCHMARKS.md).
+weights stream from memory. Compiled as calls to oneDNN's GEMV, the stories110M step is ~80% matmul and takes
+~1.7-1.9x as long as with each matmul lowered as inductor's own fused, vectorized reduction (BENCHMARKS.md).
 Inductor makes that rewrite itself on CUDA (coordinate descent tuning) but not on CPU, where its decompose_mm_pass
-option only covers matrices up to 2048 wide. Matmuls with more rows (prefill, batched decode, speculative
-verification) reuse each weight across rows and stay on oneDNN.
+option covers matrices up to 2048 wide only and reads its limits once, at import. Matmuls with more rows (prefill,
+batched decode, speculative verification) reuse each weight across rows and stay on oneDNN.
 """
 from typing import Any
 
