@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .matvec import MatvecAsReduction
 from .model import Transformer
 
 # 128 is there for the rest of a prompt after a cached prefix (a 1000-token prompt with 900 cached prefills 104).
@@ -57,7 +58,8 @@ class ModelRunner:
         # graph: allow them all. torch's compiler settings are per thread, so they travel with each call (the
         # handler compiles and steps on its own engine thread).
         dynamo = {"recompile_limit": 128, "accumulated_recompile_limit": 1024}
-        inductor = {"coordinate_descent_tuning": True} if cuda else {}
+        # CPU: batch-1 matmuls as fused reductions, not oneDNN GEMV calls (matvec.py).
+        inductor = {"coordinate_descent_tuning": True} if cuda else {"post_grad_custom_pre_pass": MatvecAsReduction()}
 
         def with_settings(fn: Callable) -> Callable:
             def call(*args):

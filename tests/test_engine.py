@@ -201,3 +201,13 @@ def test_cli_errors_are_clear(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gpt_fast.generate", "--checkpoint", str(tmp_path / "nope"),
                           "--prompt", "x"], capture_output=True, text=True)
     assert out.returncode != 0 and "checkpoint not found" in out.stderr
+
+
+def test_compiled_batch1_decode_equals_eager(tiny_checkpoint, tokenizer):
+    """Compiled batch-1 decode on CPU lowers its matmuls as reductions (gpt_fast/matvec.py): same greedy tokens."""
+    model = load_model(tiny_checkpoint, device="cpu", dtype=torch.bfloat16)
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    expected = [c.tokens for c in make_engine(model, tokenizer, max_batch_size=1, max_seq_len=64).generate(prompts, params)]
+    compiled = make_engine(model, tokenizer, max_batch_size=1, max_seq_len=64, compile=True)
+    assert [c.tokens for c in compiled.generate(prompts, params)] == expected
