@@ -21,8 +21,9 @@ from .request import Request
 from .runner import ModelRunner, bucket
 from .sampling import RowSampling, probabilities, sample, sample_from, uniform_noise
 
-# A verify pass over k + 1 tokens costs about this many plain decode steps (measured on CPU, BENCHMARKS.md).
-VERIFY_COST = 1.25
+# A verify pass over k + 1 = 5 tokens costs about this many plain decode steps: 1.75 on CPU (BENCHMARKS.md), where
+# batch-1 decode runs as fused reductions (matvec.py) and wider matmuls on oneDNN; nearer 1 on GPUs.
+VERIFY_COST = 1.75
 MAX_BACKOFF = 64
 LOOKUP_NGRAMS = (3, 2, 1)  # longest suffix match first
 
