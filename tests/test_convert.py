@@ -13,6 +13,7 @@ from gpt_fast.config import NAMED_SHAPES, ModelArgs
 from gpt_fast.convert import convert, find_tokenizer, model_args_from_hf
 from gpt_fast.download import select_files
 from gpt_fast.engine import Engine
+from gpt_fast.model import Transformer
 from gpt_fast.sampling import SamplingParams
 from gpt_fast.tokenizer import load_tokenizer
 
@@ -98,6 +99,12 @@ def test_matches_transformers(case: str, tmp_path: Path, sp_model_bytes: bytes) 
     assert model.args.tokenizer == "sentencepiece"
     assert (out_dir / "tokenizer.model").read_bytes() == sp_model_bytes
 
+    assert_matches_transformers(hf, model, out_dir)
+
+
+def assert_matches_transformers(hf, model: Transformer, out_dir: Path) -> None:
+    """fp32 logits of a random prompt within 1e-4 relative error of hf's, and 32 greedy tokens identical to
+    hf.generate (tests/test_mixtral.py uses it too)."""
     prompt = torch.randint(3, hf.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits

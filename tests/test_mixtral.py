@@ -16,7 +16,7 @@ from gpt_fast.quantize import quantize_checkpoint
 from gpt_fast.quantized import quantize_model
 from gpt_fast.sampling import SamplingParams
 from gpt_fast.tokenizer import load_tokenizer
-from test_convert import randomize
+from test_convert import assert_matches_transformers, randomize
 
 # 4 experts, top-2: one or two tokens take the gather path (decode at batch 1 and 2), more the all-experts path.
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -46,20 +46,7 @@ def test_matches_transformers(converted):
     hf, out_dir = converted
     model = load_model(out_dir, device="cpu", dtype=torch.float32)
     assert (model.args.num_experts, model.args.num_experts_per_tok) == (4, 2)
-    prompt = torch.randint(3, hf.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits
-        model.setup_caches(1, 256)
-        ours = model(torch.tensor([prompt]), positions=torch.arange(len(prompt))[None], slots=torch.tensor([0]))
-    assert ((ours - ref).norm() / ref.norm()).item() < 1e-4
-
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        hf_tokens = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32)[0, len(prompt):]
-    tokenizer = load_tokenizer(out_dir, model.args.tokenizer, model.args.stop_token_ids)
-    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=256)
-    [completion] = engine.generate([prompt], SamplingParams(max_new_tokens=32, ignore_eos=True))
-    assert completion.tokens == hf_tokens.tolist()
+    assert_matches_transformers(hf, model, out_dir)
 
 
 def test_batched_equals_solo(converted):

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 import requests
@@ -28,8 +28,8 @@ from local_server import LocalServer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZE = 8
 MAX_SEQ_LEN = 512
-# compile: false keeps startup to seconds (compiling every bucket takes minutes on a small CPU).
-MODEL_CONFIG = f"""\
+# The frontend settings every test server shares (tests/test_serve_tp.py too).
+FRONTEND_CONFIG = f"""\
 minWorkers: 1
 maxWorkers: 1
 batchSize: {BATCH_SIZE}
@@ -37,6 +37,9 @@ maxBatchDelay: 20
 responseTimeout: 60
 startupTimeout: 120
 continuousBatching: true
+"""
+# compile: false keeps startup to seconds (compiling every bucket takes minutes on a small CPU).
+MODEL_CONFIG = FRONTEND_CONFIG + f"""\
 handler:
   compile: false
   max_seq_len: {MAX_SEQ_LEN}
@@ -52,18 +55,19 @@ SPECULATIVE_CONFIG = MODEL_CONFIG + """\
 """
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory, request):
+def served(checkpoint: Path, run_dir: Path, request, configs: dict[str, str]) -> Iterator[LocalServer]:
+    """A module fixture's body: the checkpoint served under each name with its model_config text (the first is
+    the server's own name); stopped at the end, its logs printed when it failed to start or a test failed."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java (scripts/setup.sh installs it)")
-    run_dir = tmp_path_factory.mktemp("serve")
-    config, speculative = run_dir / "model_config.yaml", run_dir / "model_config_speculative.yaml"
-    config.write_text(MODEL_CONFIG)
-    speculative.write_text(SPECULATIVE_CONFIG)
-    srv = LocalServer(run_dir)
+    paths = []
+    for name, text in configs.items():
+        paths.append((name, run_dir / f"model_config_{name}.yaml"))
+        paths[-1][1].write_text(text)
+    srv = LocalServer(run_dir, name=paths[0][0])
     failed_before, up = request.session.testsfailed, False
     try:
-        srv.archive_and_start(tiny_checkpoint, config, more=((SPECULATIVE, speculative),))
+        srv.archive_and_start(checkpoint, paths[0][1], more=tuple(paths[1:]))
         up = True
         yield srv
     finally:
@@ -73,6 +77,12 @@ def server(tiny_checkpoint, tmp_path_factory, request):
             for name in ("ts_log.log", "model_log.log"):
                 sys.__stderr__.write(f"\n===== {name} (tail) =====\n{srv.log(name)[-20000:]}\n")
             sys.__stderr__.write(f"\n===== serve.sh stop =====\n{stopped.stdout}{stopped.stderr}\n")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory, request):
+    yield from served(tiny_checkpoint, tmp_path_factory.mktemp("serve"), request,
+                      {"gpt-fast": MODEL_CONFIG, SPECULATIVE: SPECULATIVE_CONFIG})
 
 
 @pytest.fixture(scope="module")

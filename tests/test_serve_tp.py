@@ -1,11 +1,8 @@
 """End to end with tensor parallelism: TorchServe starts the worker as 2 CPU ranks through torchrun
 (parallelType: tp); the replies must be single-process serving's, and a bad request must leave the ranks in step.
 """
-import shutil
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,21 +11,11 @@ from gpt_fast.checkpoint import load_model
 from gpt_fast.engine import Engine
 from gpt_fast.tokenizer import load_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from local_server import LocalServer  # noqa: E402
-from test_serve import solo, stream  # noqa: E402
+from test_serve import BATCH_SIZE, FRONTEND_CONFIG, served, solo, stream
 
-BATCH_SIZE = 8
 MAX_SEQ_LEN = 256
 # fp32, so the reference engine's sampled tokens cannot differ from the ranks' by a rounding flip.
-MODEL_CONFIG = f"""\
-minWorkers: 1
-maxWorkers: 1
-batchSize: {BATCH_SIZE}
-maxBatchDelay: 20
-responseTimeout: 60
-startupTimeout: 120
-continuousBatching: true
+MODEL_CONFIG = FRONTEND_CONFIG + f"""\
 parallelType: tp
 deviceType: cpu
 torchrun:
@@ -42,22 +29,7 @@ handler:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory, request):
-    if shutil.which("java") is None:
-        pytest.skip("TorchServe needs Java (scripts/setup.sh installs it)")
-    run_dir = tmp_path_factory.mktemp("serve_tp")
-    config = run_dir / "model_config.yaml"
-    config.write_text(MODEL_CONFIG)
-    srv = LocalServer(run_dir)
-    failed_before, up = request.session.testsfailed, False
-    try:
-        srv.archive_and_start(tiny_checkpoint, config)
-        up = True
-        yield srv
-    finally:
-        stopped = srv.stop()
-        if not up or request.session.testsfailed > failed_before or stopped.returncode != 0:
-            for name in ("ts_log.log", "model_log.log"):
-                sys.__stderr__.write(f"\n===== {name} (tail) =====\n{srv.log(name)[-20000:]}\n")
+    yield from served(tiny_checkpoint, tmp_path_factory.mktemp("serve_tp"), request, {"gpt-fast": MODEL_CONFIG})
 
 
 @pytest.fixture(scope="module")
