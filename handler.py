@@ -46,36 +46,15 @@ class GptFastHandler:
     def initialize(self, ctx) -> None:
         props = ctx.system_properties
         config = HandlerConfig.from_dict(ctx.model_yaml_config.get("handler"), props["batch_size"])
-        # Under torchrun (parallelType: tp) this joins the ranks' process group; each rank loads its shard.
-        device = tp.setup(config.torch_device(props.get("gpu_id")))
-        checkpoint = resolve_checkpoint(config.checkpoint_path(props["model_dir"]))
+        self.loop = ServingLoop(lambda: _engine(config, props), config.default_params(), _emitter(ctx))
         start = time.perf_counter()
-        model = _load(checkpoint, device, config.torch_dtype(), config.quantize, config.groupsize)
-        tokenizer = load_tokenizer(checkpoint.parent, model.args.tokenizer, model.args.stop_token_ids)
-        draft = None
-        if config.speculate == "draft":
-            draft = _load(resolve_checkpoint(config.draft_checkpoint_path(props["model_dir"])), device,
-                          config.torch_dtype(), config.draft_quantize, None)
-        loaded = time.perf_counter()
-        logger.info("loaded in %.1f s on %s (tensor-parallel rank %d of %d), %d CPU threads; speculation: %s",
-                    loaded - start, device, tp.rank(), tp.world_size(), torch.get_num_threads(),
-                    config.speculate or "off")
-        max_seq_len = config.max_seq_len or default_max_seq_len(model.args)
-        compile_cache = config.compile_cache_path(props["model_dir"])
-        if compile_cache:  # read by inductor at each compile: kernels compiled by an earlier start are reused
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
-        # Under tensor parallelism every rank must draw the same seeds for requests that bring none.
-        engine = Engine(model, tokenizer, config.max_batch_size, max_seq_len, compile=config.compile,
-                        seed=tp.shared_seed(), prefix_cache_bytes=config.prefix_cache_bytes(),
-                        speculate=config.speculate, speculate_k=config.speculate_k, draft_model=draft)
-        self.loop = ServingLoop(engine, tokenizer, config.default_params(), _emitter(ctx))
         self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
-        cache_hits = torch._dynamo.utils.counters["inductor"]
+        engine, cache_hits = self.loop.engine, torch._dynamo.utils.counters["inductor"]
         logger.info("warm-up (compile=%s, max_batch_size=%d, max_seq_len=%d) took %.1f s; compile cache %s: "
                     "%d graphs reused, %d compiled; prefix cache %d blocks", config.compile, config.max_batch_size,
-                    max_seq_len, time.perf_counter() - loaded, os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
-                    cache_hits["fxgraph_cache_hit"], cache_hits["fxgraph_cache_miss"],
-                    engine.prefix_cache.num_blocks if engine.prefix_cache else 0)
+                    engine.max_seq_len, time.perf_counter() - start,
+                    os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"), cache_hits["fxgraph_cache_hit"],
+                    cache_hits["fxgraph_cache_miss"], engine.prefix_cache.num_blocks if engine.prefix_cache else 0)
 
     def handle(self, data: list[dict], ctx) -> list[bytes]:
         batch = [(ctx.request_ids[i], _body(item)) for i, item in enumerate(data)]
@@ -86,6 +65,30 @@ class GptFastHandler:
                 ctx.set_response_content_type(i, reply.content_type)
         ctx.stopping_criteria = [_criterion(reply) for reply in replies]
         return [reply.body for reply in replies]
+
+
+def _engine(config: HandlerConfig, props: dict) -> Engine:
+    """Load the model (and draft) and build the engine; runs on the serving loop's engine thread."""
+    # Under torchrun (parallelType: tp) this joins the ranks' process group; each rank loads its shard.
+    device = tp.setup(config.torch_device(props.get("gpu_id")))
+    checkpoint = resolve_checkpoint(config.checkpoint_path(props["model_dir"]))
+    start = time.perf_counter()
+    model = _load(checkpoint, device, config.torch_dtype(), config.quantize, config.groupsize)
+    tokenizer = load_tokenizer(checkpoint.parent, model.args.tokenizer, model.args.stop_token_ids)
+    draft = None
+    if config.speculate == "draft":
+        draft = _load(resolve_checkpoint(config.draft_checkpoint_path(props["model_dir"])), device,
+                      config.torch_dtype(), config.draft_quantize, None)
+    logger.info("loaded in %.1f s on %s (tensor-parallel rank %d of %d), %d CPU threads; speculation: %s",
+                time.perf_counter() - start, device, tp.rank(), tp.world_size(), torch.get_num_threads(),
+                config.speculate or "off")
+    compile_cache = config.compile_cache_path(props["model_dir"])
+    if compile_cache:  # read by inductor at each compile: kernels compiled by an earlier start are reused
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
+    # Under tensor parallelism every rank must draw the same seeds for requests that bring none.
+    return Engine(model, tokenizer, config.max_batch_size, config.max_seq_len or default_max_seq_len(model.args),
+                  compile=config.compile, seed=tp.shared_seed(), prefix_cache_bytes=config.prefix_cache_bytes(),
+                  speculate=config.speculate, speculate_k=config.speculate_k, draft_model=draft)
 
 
 def _load(checkpoint: Path, device: torch.device, dtype: Optional[torch.dtype], quantize: Optional[str],

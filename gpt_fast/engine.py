@@ -168,7 +168,8 @@ class Engine:
     def warmup(self) -> None:
         """Compile every shape bucket ahead of traffic; padding-only inputs leave the caches as they are."""
         spec = self.speculator
-        widths = [1, spec.k + 1] if spec else [1]  # decode, and verify of the last token + k drafts
+        # decode, and verify of the last token + 1 (a probe) or k drafts
+        widths = sorted({1, spec.verify_width(1), spec.verify_width(spec.k)}) if spec else [1]
         self.runner.warmup(self.decode_buckets, widths, self.kv_buckets)
         if spec and spec.draft:
             spec.draft.warmup(self.decode_buckets, [1, 2], self.kv_buckets)

@@ -1,11 +1,13 @@
-"""An inductor graph pass for compiled CPU decode: one-row matmuls become fused multiply-and-sum reductions.
+"""An inductor graph pass for compiled CPU decode: matmuls of a few rows become fused multiply-and-sum reductions.
 
-A batch-1 decode step multiplies a single activation row by every weight matrix, so it is bound by how fast the
-weights stream from memory. Compiled as calls to oneDNN's GEMV, the stories110M step is ~80% matmul and takes
-~1.7-1.9x as long as with each matmul lowered as inductor's own fused, vectorized reduction (BENCHMARKS.md).
-Inductor makes that rewrite itself on CUDA (coordinate descent tuning) but not on CPU, where its decompose_mm_pass
-option covers matrices up to 2048 wide only and reads its limits once, at import. Matmuls with more rows (prefill,
-batched decode, speculative verification) reuse each weight across rows and stay on oneDNN.
+A decode step multiplies one activation row per request by every weight matrix, so it is bound by how fast the
+weights stream from memory. Compiled as calls to oneDNN, the stories110M batch-1 step is ~80% matmul and takes
+~1.7-1.9x as long as with each matmul lowered as inductor's own fused, vectorized reduction, and a 2-row step
+(batch 2, or a draft model's first speculative step) cost 1.6 batch-1 steps (BENCHMARKS.md). Inductor makes the
+one-row rewrite itself on CUDA (coordinate descent tuning) but not on CPU, where its decompose_mm_pass option
+covers matrices up to 2048 wide only and reads its limits once, at import. Here each of the M rows is its own
+reduction over the same weight, and inductor fuses them into one loop that reads each weight element once for
+all M rows. Matmuls with more rows (prefill, larger batches, speculative verification of 5 tokens) stay on oneDNN.
 """
 from typing import Any
 
@@ -15,31 +17,39 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
+# Stories110M-shaped compiled steps on 2 AVX-512 cores: fused loops beat oneDNN 1.7x at 2 rows, 1.2x at 3, tie at 4
+# and lose at 5, where each row's multiply-adds, not memory, bound the loop (BENCHMARKS.md).
+MAX_ROWS = 4
+
 
 def _call(graph: torch.fx.Graph, op: Any, *args: Any) -> torch.fx.Node:
     """A new node op(*args), with the fake value that inductor's lowering reads."""
     node = graph.call_function(op, args)
-    node.meta["val"] = op(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args))
+    node.meta["val"] = op(*torch.fx.node.map_arg(args, lambda a: a.meta["val"]))
     return node
 
 
 class MatvecAsReduction(CustomGraphPass):
-    """mm(x [1, K], w [K, N]) on CPU -> sum(x[:, :, None] * w[None], dim=1) in fp32, cast back to x's dtype (the
-    rewrite inductor's own mm decomposition makes). Set as inductor's `post_grad_custom_pre_pass`."""
+    """mm(x [M, K], w [K, N]) on CPU with M <= MAX_ROWS -> the M rows sum(x[m, :, None] * w, dim=0) in fp32, cast
+    back to x's dtype (per row, the rewrite inductor's own mm decomposition makes). Set as inductor's
+    `post_grad_custom_pre_pass`."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         for node in graph.find_nodes(op="call_function", target=aten.mm.default):
             x, w = node.args
-            dtype = x.meta["val"].dtype
-            if x.meta["val"].device.type != "cpu" or not statically_known_true(x.meta["val"].shape[0] == 1):
+            x_val = x.meta["val"]
+            if x_val.device.type != "cpu" or not statically_known_true(x_val.shape[0] <= MAX_ROWS):
                 continue
             with graph.inserting_before(node):
-                x32 = _call(graph, prims.convert_element_type.default, x, torch.float32)
-                w32 = _call(graph, prims.convert_element_type.default, w, torch.float32)
-                product = _call(graph, aten.mul.Tensor, _call(graph, aten.unsqueeze.default, x32, 2),
-                                _call(graph, aten.unsqueeze.default, w32, 0))
-                row = _call(graph, aten.sum.dim_IntList, product, [1])
-                node.replace_all_uses_with(_call(graph, prims.convert_element_type.default, row, dtype))
+                x32, w32 = (_call(graph, prims.convert_element_type.default, t, torch.float32) for t in (x, w))
+                rows = []
+                for m in range(int(x_val.shape[0])):
+                    x_m = _call(graph, aten.select.int, x32, 0, m)
+                    product = _call(graph, aten.mul.Tensor, _call(graph, aten.unsqueeze.default, x_m, 1), w32)
+                    row = _call(graph, aten.sum.dim_IntList, product, [0])
+                    rows.append(_call(graph, aten.unsqueeze.default, row, 0))
+                out = _call(graph, aten.cat.default, rows)
+                node.replace_all_uses_with(_call(graph, prims.convert_element_type.default, out, x_val.dtype))
             graph.erase_node(node)
 
     def uuid(self) -> Any:

@@ -42,7 +42,7 @@ def bucket(buckets: Sequence[int], n: int) -> int:
 class ModelRunner:
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, compile: bool = False):
         model.setup_caches(max_batch_size, max_seq_len)
-        self.model = model
+        self.model = model.requires_grad_(False)  # compiled graphs of parameters that require grad save activations
         self.device = model.tok_embeddings.weight.device
         self.prefill_buckets = prefill_buckets(max_seq_len)
         self._rows, self._slot = self._rows_logits, model

@@ -22,7 +22,6 @@ from .engine import SPECULATE_MODES, Engine, PromptTooLongError
 from .prefix_cache import PrefixCacheStats
 from .request import StepOutput
 from .sampling import InvalidParam, SamplingParams
-from .tokenizer import Tokenizer
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -292,14 +291,16 @@ class ServingLoop:
     therefore empty (it carries the HTTP status and headers) unless the request is rejected.
     """
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, defaults: SamplingParams,
+    def __init__(self, build_engine: Callable[[], Engine], defaults: SamplingParams,
                  emit: Emit = lambda name, value, **labels: None):
-        self.engine, self.tokenizer, self.defaults, self.emit = engine, tokenizer, defaults, emit
+        # One thread does all of the engine's torch work: building it (loading weights), warm-up and every step.
+        # CUDA graphs are recorded per thread, and so is CUDA's current device (which compiled graphs and NCCL
+        # use). On CPU, a second thread that ran OpenMP regions leaves libgomp managing more threads than cores,
+        # and it then stops spin-waiting between regions: the decode step ran ~20% slower (BENCHMARKS.md).
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self.engine = self._engine_thread.submit(_build_on_device, build_engine).result()
+        self.tokenizer, self.defaults, self.emit = self.engine.tokenizer, defaults, emit
         self.tracked: dict[str, _Tracked] = {}
-        # One thread runs every engine step and the warm-up: CUDA graphs are recorded per thread, and so is
-        # CUDA's current device (which compiled graphs and NCCL use).
-        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=_use_device,
-                                                 initargs=(engine.device,))
         self._running: Optional[Future] = None  # the steps started by the previous call
         self._collecting = threading.Event()  # tells the running steps to finish
         self._active_slots = -1
@@ -312,16 +313,20 @@ class ServingLoop:
 
     def step(self, batch: list[tuple[str, Any]]) -> list[Reply]:
         """batch: (request id, body) per in-flight request, body None for one already seen. One Reply each."""
+        self._collecting.set()  # the steps the previous call started end with the one in flight
+        return self._engine_thread.submit(self._advance, batch).result()
+
+    def _advance(self, batch: list[tuple[str, Any]]) -> list[Reply]:
+        """On the engine thread, after the steps the previous call started."""
         try:
-            return self._advance(batch)
+            return self._answer(batch)
         except BaseException:
             # The frontend fails and forgets every request of this call: free them all here too.
-            self._collect(raise_errors=False)
             for rid in list(self.tracked):
                 self._cancel(rid)
             raise
 
-    def _advance(self, batch: list[tuple[str, Any]]) -> list[Reply]:
+    def _answer(self, batch: list[tuple[str, Any]]) -> list[Reply]:
         outputs, done = self._collect()
         # Under tensor parallelism every rank serves rank 0's batch. TorchServe 0.12 writes a call to the other
         # ranks asynchronously, possibly after rank 0's reply has marked a new request as delivered: they may
@@ -383,18 +388,13 @@ class ServingLoop:
             return tp.rank0_flag(self._collecting.is_set())
         return self._collecting.is_set()
 
-    def _collect(self, raise_errors: bool = True) -> tuple[list[StepOutput], float]:
-        """Stop the steps the previous call started; their outputs and when they finished."""
+    def _collect(self) -> tuple[list[StepOutput], float]:
+        """The outputs of the steps the previous call started (done: they ran on this thread) and when they ended."""
         running, self._running = self._running, None
+        self._collecting.clear()
         if running is None:
             return [], time.perf_counter()
-        self._collecting.set()
-        try:
-            if not raise_errors and running.exception() is not None:
-                return [], time.perf_counter()
-            return running.result()
-        finally:
-            self._collecting.clear()
+        return running.result()
 
     def _admit(self, rid: str, body: Any, now: float) -> bool:
         """Validate and queue a new request; returns whether it streams."""
@@ -448,6 +448,8 @@ class ServingLoop:
             self.emit(ACCEPTANCE_RATE, tracked.accepted_tokens / tracked.draft_tokens)
 
 
-def _use_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+def _build_on_device(build_engine: Callable[[], Engine]) -> Engine:
+    engine = build_engine()
+    if engine.device.type == "cuda":
+        torch.cuda.set_device(engine.device)
+    return engine

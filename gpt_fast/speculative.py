@@ -7,8 +7,9 @@ batch drafts and accepts its own number of tokens: positions are per row, so sta
 accepted tokens are simply overwritten later and never read before that.
 
 A row whose drafts do not pay (a pass that accepts nothing, or too few accepted tokens per pass on average for
-what a pass costs) backs off: it decodes plainly for 1, 4, 16, then 64 steps before it drafts again. The
-decision depends only on the row's own history, so a seeded request gives the same tokens whatever shares its
+what a pass costs) backs off: it decodes plainly for 1, 4, 16, then 64 steps, then probes with a single draft,
+whose pass (2 tokens wide) costs about a plain step, and drafts k again only once a probe is accepted. The
+decisions depend only on the row's own history, so a seeded request gives the same tokens whatever shares its
 batch.
 """
 from dataclasses import dataclass, field
@@ -21,9 +22,9 @@ from .request import Request
 from .runner import ModelRunner, bucket
 from .sampling import RowSampling, probabilities, sample, sample_from, uniform_noise
 
-# A verify pass over k + 1 = 5 tokens costs about this many plain decode steps: 1.75 on CPU (BENCHMARKS.md), where
-# batch-1 decode runs as fused reductions (matvec.py) and wider matmuls on oneDNN; nearer 1 on GPUs.
-VERIFY_COST = 1.75
+# A verify pass over k + 1 = 5 tokens costs about this many plain decode steps: 2 on CPU (BENCHMARKS.md), where
+# matmuls of up to 4 rows run as fused reductions (matvec.py) and wider ones on oneDNN; nearer 1 on GPUs.
+VERIFY_COST = 2.0
 MAX_BACKOFF = 64
 LOOKUP_NGRAMS = (3, 2, 1)  # longest suffix match first
 
@@ -60,12 +61,17 @@ class RowState:
     draft_cached: int = 0  # sequence positions whose keys/values the draft's cache holds
     skip: int = 0  # plain steps left before drafting again
     backoff: int = 1
+    probing: bool = False  # after a back-off: draft one token until one is accepted
     lookup: Optional[NgramIndex] = None
     proposal: list[int] = field(default_factory=list)
 
     def record(self, accepted: int, min_tokens_per_pass: float) -> None:
-        self.tokens_per_pass = 0.5 * self.tokens_per_pass + 0.5 * (accepted + 1)
-        if accepted == 0 or self.tokens_per_pass < min_tokens_per_pass:
+        if self.probing:  # a probe says only whether drafting is worth trying again
+            self.probing = accepted == 0
+        else:
+            self.tokens_per_pass = 0.5 * self.tokens_per_pass + 0.5 * (accepted + 1)
+            self.probing = accepted == 0 or self.tokens_per_pass < min_tokens_per_pass
+        if self.probing:
             self.skip, self.backoff = self.backoff, min(4 * self.backoff, MAX_BACKOFF)
         else:
             self.backoff = 1
@@ -134,17 +140,18 @@ class Speculator:
              sampling: Optional[RowSampling]) -> list[list[int]]:
         """One draft-and-verify step for rows 0..len(reqs)-1 (batch >= len(reqs) rows run), drafting ks[b] tokens
         for row b (from plan()); returns each request's new tokens. sampling None: every row is greedy."""
+        width = self.verify_width(max(ks))
         lengths = [r.num_tokens for r in reqs]
         kv_len = bucket(kv_buckets, max(n + k for n, k in zip(lengths, ks)))  # past the last draft's position
         pad = batch - len(reqs)
         ks_pad = ks + [0] * pad
         if self.draft is not None:
-            drafts, draft_probs = self._draft(reqs, ks_pad, kv_len, sampling)
+            drafts, draft_probs = self._draft(reqs, ks_pad, width - 1, kv_len, sampling)
         else:
-            rows = [r.speculation.proposal[:k] + [0] * (self.k - k) for r, k in zip(reqs, ks)] + [[0] * self.k] * pad
-            drafts, draft_probs = self._tensor(rows), None
+            rows = [r.speculation.proposal[:k] + [0] * (width - 1 - k) for r, k in zip(reqs, ks)]
+            drafts, draft_probs = self._tensor(rows + [[0] * (width - 1)] * pad), None
         last = self._tensor([r.generated[-1] for r in reqs] + [0] * pad)
-        positions = self._positions(lengths + [0] * pad, [k + 1 for k in ks] + [0] * pad, self.k + 1, first=-1)
+        positions = self._positions(lengths + [0] * pad, [k + 1 for k in ks] + [0] * pad, width, first=-1)
         logits = self.target.rows(torch.cat([last[:, None], drafts], dim=1), positions, kv_len)
         tokens, counts = accept(logits, drafts, self._tensor(ks_pad), draft_probs, sampling)
         tokens, counts = tokens.tolist(), counts.tolist()  # the step's one host sync
@@ -160,6 +167,10 @@ class Speculator:
             out.append(row[:count])
         return out
 
+    def verify_width(self, max_drafts: int) -> int:
+        """Verify passes are 2 wide (single-draft probes) or k + 1 wide: two compiled shapes per batch size."""
+        return 2 if max_drafts == 1 else self.k + 1
+
     def observe(self, req: Request, tokens: list[int]) -> None:
         """Tokens the request just took (after stop handling), for the lookup index."""
         if req.speculation and req.speculation.lookup is not None:
@@ -174,14 +185,16 @@ class Speculator:
         if state.skip:
             state.skip -= 1
             return 0
+        k = min(1 if state.probing else self.k, room)
         if state.lookup is not None:
-            state.proposal = state.lookup.propose(min(self.k, room))
+            state.proposal = state.lookup.propose(k)
             return len(state.proposal)
-        return min(self.k, room)
+        return k
 
-    def _draft(self, reqs: list[Request], ks: list[int], kv_len: int,
+    def _draft(self, reqs: list[Request], ks: list[int], steps: int, kv_len: int,
                sampling: Optional[RowSampling]) -> tuple[Tensor, Optional[Tensor]]:
-        """Run the draft model k steps; drafts [B, K] and the distributions they were drawn from (None: greedy)."""
+        """Run the draft model `steps` steps; drafts [B, steps] and the distributions they were drawn from (None:
+        greedy)."""
         lags = []
         for r, k in zip(reqs, ks):
             state = r.speculation
@@ -199,7 +212,7 @@ class Speculator:
         positions[:, 0].masked_fill_(self._tensor(lags + [0] * pad) < 2, -1)
         logits = self.draft.rows(tokens, positions, kv_len)[:, 1]
         drafts, probs = [], []
-        for i in range(self.k):
+        for i in range(steps):
             if i:
                 position = self._positions(lengths, [int(k > i) for k in ks], 1, first=i - 1)
                 logits = self.draft.rows(drafts[-1][:, None], position, kv_len)[:, 0]

@@ -86,7 +86,7 @@ def make_loop(parts, max_batch_size=4, prefix_cache_bytes=0, values=False):
     events = []
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=64,
                     prefix_cache_bytes=prefix_cache_bytes)
-    loop = ServingLoop(engine, tokenizer, DEFAULTS, lambda name, value, **labels: events.append(
+    loop = ServingLoop(lambda: engine, DEFAULTS, lambda name, value, **labels: events.append(
         (name, value, labels) if values else (name, labels)))
     return loop, events
 

@@ -76,8 +76,9 @@ def test_lookup_accepts_text_the_prompt_already_holds(target, tokenizer):
 def test_drafts_that_never_land_back_off(target, tokenizer, tiny_checkpoint):
     engine = engine_for("draft", target, tokenizer, disagreeing_draft(tiny_checkpoint), max_seq_len=512)
     out = engine.generate([tokenizer.encode(PROMPTS[0])], SamplingParams(max_new_tokens=300, ignore_eos=True))[0]
-    # Back-off grows 4x up to 64 plain steps between attempts: a handful of verify passes, not 300 / (K + 1).
-    assert out.draft_tokens <= 12 * K
+    # Back-off grows 4x up to 64 plain steps between attempts: a handful of verify passes, not 300 / (K + 1),
+    # and after a failed pass the row probes with one draft (a pass about as cheap as a plain step), not K.
+    assert out.accepted_tokens == 0 and out.draft_passes <= 12 and out.draft_tokens == K + out.draft_passes - 1
 
 
 def test_sampled_requests_reproduce_whatever_shares_the_batch(target, tokenizer, tiny_checkpoint):

@@ -66,7 +66,7 @@ def serve(model: Transformer, tokenizer) -> dict[str, tuple[int, bytes]]:
     """Drive a ServingLoop as TorchServe does, each rank at its own pace; ranks other than 0 get new requests
     without their bodies, as TorchServe 0.12 may send them. (status, text) per request."""
     engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128, seed=tp.shared_seed())
-    loop = ServingLoop(engine, tokenizer, SamplingParams(max_new_tokens=16))
+    loop = ServingLoop(lambda: engine, SamplingParams(max_new_tokens=16))
     pace = random.Random(tp.rank())
     new = [(f"r{i}", body if tp.rank() == 0 else None) for i, body in enumerate(SERVED)]
     batch, answers = [], {}
