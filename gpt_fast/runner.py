@@ -58,7 +58,7 @@ class ModelRunner:
         # graph: allow them all. torch's compiler settings are per thread, so they travel with each call (the
         # handler compiles and steps on its own engine thread).
         dynamo = {"recompile_limit": 128, "accumulated_recompile_limit": 1024}
-        # CPU: batch-1 matmuls as fused reductions, not oneDNN GEMV calls (matvec.py).
+        # CPU: matmuls of up to 4 rows (decode of small batches) as fused reductions, not oneDNN calls (matvec.py).
         inductor = {"coordinate_descent_tuning": True} if cuda else {"post_grad_custom_pre_pass": MatvecAsReduction()}
 
         def with_settings(fn: Callable) -> Callable:
