@@ -146,18 +146,9 @@ def test_speculative_model_streams_the_plain_greedy_text(server, engine):
     assert opted_out["text"] == expected.text and opted_out["usage"]["draft_tokens"] == 0
 
 
-def test_concurrent_requests_match_their_solo_results(server, engine):
-    bodies = [
-        {"prompt": "The capital of France", "max_new_tokens": 40},
-        {"prompt": "Once upon a time there was a little", "max_new_tokens": 25, "stream": False},
-        {"prompt": "A", "max_new_tokens": 1},  # done on its first step
-        {"prompt": "A", "max_new_tokens": 1, "stream": False},
-        {"prompt": "The river ran past the old mill and the children watched the water", "max_new_tokens": 33},
-        {"prompt": "Bread and", "max_new_tokens": 30, "temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 7},
-        {"prompt": "Bread and", "max_new_tokens": 30, "temperature": 1.0, "seed": 8, "stream": False},
-        {"prompt": "The capital of France", "max_new_tokens": 40, "stop": "ar"},
-    ]
-    results: dict[int, tuple] = {}
+def concurrently(server: LocalServer, bodies: list[dict]) -> list[tuple[str, Optional[str]]]:
+    """Send every body at once; (text, finish_reason) of each, finish_reason None for streamed ones."""
+    results: dict[int, tuple[str, Optional[str]]] = {}
 
     def run(i: int) -> None:
         if bodies[i].get("stream", True):
@@ -174,9 +165,22 @@ def test_concurrent_requests_match_their_solo_results(server, engine):
     for t in threads:
         t.join(timeout=120)
     assert sorted(results) == list(range(len(bodies)))
-    for i, body in enumerate(bodies):
+    return [results[i] for i in range(len(bodies))]
+
+
+def test_concurrent_requests_match_their_solo_results(server, engine):
+    bodies = [
+        {"prompt": "The capital of France", "max_new_tokens": 40},
+        {"prompt": "Once upon a time there was a little", "max_new_tokens": 25, "stream": False},
+        {"prompt": "A", "max_new_tokens": 1},  # done on its first step
+        {"prompt": "A", "max_new_tokens": 1, "stream": False},
+        {"prompt": "The river ran past the old mill and the children watched the water", "max_new_tokens": 33},
+        {"prompt": "Bread and", "max_new_tokens": 30, "temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 7},
+        {"prompt": "Bread and", "max_new_tokens": 30, "temperature": 1.0, "seed": 8, "stream": False},
+        {"prompt": "The capital of France", "max_new_tokens": 40, "stop": "ar"},
+    ]
+    for body, (text, reason) in zip(bodies, concurrently(server, bodies)):
         expected = solo(engine, body)
-        text, reason = results[i]
         assert text == expected.text, body
         assert reason in (None, expected.finish_reason), body
     assert solo(engine, bodies[-1]).finish_reason == "stop"  # the stop string was hit

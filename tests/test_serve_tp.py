@@ -11,7 +11,7 @@ from gpt_fast.checkpoint import load_model
 from gpt_fast.engine import Engine
 from gpt_fast.tokenizer import load_tokenizer
 
-from test_serve import BATCH_SIZE, FRONTEND_CONFIG, served, solo, stream
+from test_serve import BATCH_SIZE, FRONTEND_CONFIG, concurrently, served, solo, stream
 
 MAX_SEQ_LEN = 256
 # fp32, so the reference engine's sampled tokens cannot differ from the ranks' by a rounding flip.
@@ -62,25 +62,10 @@ def test_concurrent_requests_match_single_process(server, engine):
         {"prompt": "The capital of France", "max_new_tokens": 40, "stop": "ar"},
         {"prompt": "Bread and butter", "max_new_tokens": 50, "temperature": 0.7},  # seeded by the ranks' engines
     ]
-    results: dict[int, str] = {}
-
-    def run(i: int) -> None:
-        if bodies[i].get("stream", True):
-            results[i] = b"".join(stream(server, bodies[i])[0]).decode()
-        else:
-            r = server.post(bodies[i])
-            assert r.status_code == 200, r.text
-            results[i] = r.json()["text"]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert sorted(results) == list(range(len(bodies)))
-    for i, body in enumerate(bodies[:-1]):
-        assert results[i] == solo(engine, body).text, body
-    assert results[len(bodies) - 1]  # unseeded: its text is random, but it came back whole
+    texts = [text for text, _ in concurrently(server, bodies)]
+    for body, text in zip(bodies[:-1], texts):
+        assert text == solo(engine, body).text, body
+    assert texts[-1]  # unseeded: its text is random, but it came back whole
 
 
 def test_bad_request_gets_400_and_the_ranks_stay_in_step(server, engine):
