@@ -110,14 +110,14 @@ def prefix_prompts(tokenizer, runs: int) -> tuple[list[str], list[str]]:
     return uncached, cached
 
 
-def engine_prefix_ttft(engine: Engine, tokenizer) -> dict:
+def engine_prefix_ttft(engine: Engine) -> dict:
     """Median TTFT (s) of the uncached and cached prefix prompts; prompt and cached tokens of one more."""
-    uncached, cached = prefix_prompts(tokenizer, 3)
+    uncached, cached = prefix_prompts(engine.tokenizer, 3)
     result = {}
     for name, prompts in (("uncached", uncached), ("cached", cached)):
         times = []
         for prompt in prompts:
-            engine.add("bench", tokenizer.encode(prompt), SamplingParams(max_new_tokens=1))
+            engine.add("bench", engine.tokenizer.encode(prompt), SamplingParams(max_new_tokens=1))
             t0 = time.perf_counter()
             (out,) = engine.step()
             times.append(time.perf_counter() - t0)
@@ -208,13 +208,12 @@ def main() -> None:
     config = HandlerConfig.from_dict(frontend["handler"], frontend["batchSize"])
 
     engine = in_process_engine(checkpoint, config)
-    prefix_engine = engine_prefix_ttft(engine, engine.tokenizer)
+    prefix_engine = engine_prefix_ttft(engine)
     load = {"before": os.getloadavg()}
     server = LocalServer(work / "run", name="bench", start_timeout=3600)
     server.archive(checkpoint, config_path)
     first_start = start_to_first_token(server)
     load["first start"] = os.getloadavg()
-    tokenizer = load_tokenizer(checkpoint)
     try:
         counts = {p: server.post({"prompt": p, "max_new_tokens": a.new_tokens, "stream": False})
                   .json()["usage"]["completion_tokens"] for p in PROMPTS}
@@ -228,7 +227,7 @@ def main() -> None:
         (ttft_engine, tps_engine), (ttft_server, tps_server) = (
             [statistics.median(column) for column in zip(*runs)] for runs in (engines, servers))
         aggregate = {c: concurrent(server, c, 2, a.new_tokens, counts) for c in a.concurrency}
-        prefix_server = server_prefix_ttft(server, tokenizer)
+        prefix_server = server_prefix_ttft(server, engine.tokenizer)
         handler_ms, frontend_ms = call_times(server)
         load["server runs"] = os.getloadavg()
         server.stop()
