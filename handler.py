@@ -1,4 +1,4 @@
-"""TorchServe handler: a thin adapter from TorchServe's continuous batching to gpt_fast.serving.ServingLoop.
+"""TorchServe handler: a thin adapter from TorchServe's continuous batching to gpt_fast.serving's ServingLoop.
 
 model_config.yaml sets `continuousBatching: true`, so every handle() call is one engine step for all
 in-flight requests: new ones carry their body, ones already seen arrive as {}, and a client that went away
@@ -9,36 +9,28 @@ import logging
 import os
 import time
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
-from gpt_fast import tp
-from gpt_fast.checkpoint import load_model, resolve_checkpoint
-from gpt_fast.config import scheme_name
-from gpt_fast.engine import Engine, default_max_seq_len
-from gpt_fast.model import Transformer
-from gpt_fast.quantized import quantize_model
-from gpt_fast.serving import (ACCEPTANCE_RATE, ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY,
-                              PREFIX_CACHE_BLOCKS, PREFIX_CACHE_SAVED_TOKENS, REQUESTS_FINISHED, TIME_TO_FIRST_TOKEN,
-                              HandlerConfig, Reply, ServingLoop)
-from gpt_fast.tokenizer import load_tokenizer
+from gpt_fast.serving import metrics
+from gpt_fast.serving.config import HandlerConfig, build_engine
+from gpt_fast.serving.loop import Reply, ServingLoop
 
 logger = logging.getLogger(__name__)
 
 # name -> (type, unit, labels after ModelName); scripts/metrics.yaml lists the same for the frontend.
 METRICS = {
-    TIME_TO_FIRST_TOKEN: (MetricTypes.HISTOGRAM, "s", []),
-    INTER_TOKEN_LATENCY: (MetricTypes.HISTOGRAM, "s", []),
-    ACCEPTANCE_RATE: (MetricTypes.HISTOGRAM, "ratio", []),
-    GENERATED_TOKENS: (MetricTypes.COUNTER, "count", []),
-    REQUESTS_FINISHED: (MetricTypes.COUNTER, "count", ["Reason"]),
-    ACTIVE_SLOTS: (MetricTypes.GAUGE, "count", []),
-    PREFIX_CACHE_BLOCKS: (MetricTypes.COUNTER, "count", ["Event"]),
-    PREFIX_CACHE_SAVED_TOKENS: (MetricTypes.COUNTER, "count", []),
+    metrics.TIME_TO_FIRST_TOKEN: (MetricTypes.HISTOGRAM, "s", []),
+    metrics.INTER_TOKEN_LATENCY: (MetricTypes.HISTOGRAM, "s", []),
+    metrics.ACCEPTANCE_RATE: (MetricTypes.HISTOGRAM, "ratio", []),
+    metrics.GENERATED_TOKENS: (MetricTypes.COUNTER, "count", []),
+    metrics.REQUESTS_FINISHED: (MetricTypes.COUNTER, "count", ["Reason"]),
+    metrics.ACTIVE_SLOTS: (MetricTypes.GAUGE, "count", []),
+    metrics.PREFIX_CACHE_BLOCKS: (MetricTypes.COUNTER, "count", ["Event"]),
+    metrics.PREFIX_CACHE_SAVED_TOKENS: (MetricTypes.COUNTER, "count", []),
 }
 
 
@@ -46,7 +38,8 @@ class GptFastHandler:
     def initialize(self, ctx) -> None:
         props = ctx.system_properties
         config = HandlerConfig.from_dict(ctx.model_yaml_config.get("handler"), props["batch_size"])
-        self.loop = ServingLoop(lambda: _engine(config, props), config.default_params(), _emitter(ctx))
+        self.loop = ServingLoop(lambda: build_engine(config, props["model_dir"], props.get("gpu_id")),
+                                config.default_params(), _emitter(ctx))
         start = time.perf_counter()
         self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
         engine, cache_hits = self.loop.engine, torch._dynamo.utils.counters["inductor"]
@@ -65,39 +58,6 @@ class GptFastHandler:
                 ctx.set_response_content_type(i, reply.content_type)
         ctx.stopping_criteria = [_criterion(reply) for reply in replies]
         return [reply.body for reply in replies]
-
-
-def _engine(config: HandlerConfig, props: dict) -> Engine:
-    """Load the model (and draft) and build the engine; runs on the serving loop's engine thread."""
-    # Under torchrun (parallelType: tp) this joins the ranks' process group; each rank loads its shard.
-    device = tp.setup(config.torch_device(props.get("gpu_id")))
-    checkpoint = resolve_checkpoint(config.checkpoint_path(props["model_dir"]))
-    start = time.perf_counter()
-    model = _load(checkpoint, device, config.torch_dtype(), config.quantize, config.groupsize)
-    tokenizer = load_tokenizer(checkpoint.parent, model.args.tokenizer, model.args.stop_token_ids)
-    draft = None
-    if config.speculate == "draft":
-        draft = _load(resolve_checkpoint(config.draft_checkpoint_path(props["model_dir"])), device,
-                      config.torch_dtype(), config.draft_quantize, None)
-    logger.info("loaded in %.1f s on %s (tensor-parallel rank %d of %d), %d CPU threads; speculation: %s",
-                time.perf_counter() - start, device, tp.rank(), tp.world_size(), torch.get_num_threads(),
-                config.speculate or "off")
-    compile_cache = config.compile_cache_path(props["model_dir"])
-    if compile_cache:  # read by inductor at each compile: kernels compiled by an earlier start are reused
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
-    # Under tensor parallelism every rank must draw the same seeds for requests that bring none.
-    return Engine(model, tokenizer, config.max_batch_size, config.max_seq_len or default_max_seq_len(model.args),
-                  compile=config.compile, seed=tp.shared_seed(), prefix_cache_bytes=config.prefix_cache_bytes(),
-                  speculate=config.speculate, speculate_k=config.speculate_k, draft_model=draft)
-
-
-def _load(checkpoint: Path, device: torch.device, dtype: Optional[torch.dtype], quantize: Optional[str],
-          groupsize: Optional[int]) -> Transformer:
-    model = load_model(checkpoint, device, dtype, tp.rank(), tp.world_size())  # under TP: this rank's shard
-    if quantize:
-        quantize_model(model, quantize, groupsize)
-    logger.info("%s: %s, %s", checkpoint, model.tok_embeddings.weight.dtype, scheme_name(model.args.quantization))
-    return model
 
 
 def _body(item: dict) -> Any:

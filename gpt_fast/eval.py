@@ -15,12 +15,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import DTYPES, default_device, load_model, resolve_checkpoint
-from .config import QUANT_MODES, scheme_name
-from .engine import default_max_seq_len
-from .model import Transformer
-from .quantized import quantize_model
-from .tokenizer import load_tokenizer
+from .checkpoints.load import DTYPES, default_device, load
+from .engine.engine import default_max_seq_len
+from .model.args import QUANT_MODES, scheme_name
+from .model.transformer import Transformer
 
 
 @torch.no_grad()
@@ -56,11 +54,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--groupsize", type=int, help="int4 group size (default 128)")
     a = ap.parse_args(argv)
     try:
-        weights = resolve_checkpoint(a.checkpoint)
-        model = load_model(weights, device=a.device or default_device(), dtype=DTYPES.get(a.dtype))
-        if a.quantize:
-            quantize_model(model, a.quantize, a.groupsize)
-        tokenizer = load_tokenizer(weights.parent, model.args.tokenizer, model.args.stop_token_ids)
+        model, tokenizer = load(a.checkpoint, device=a.device or default_device(), dtype=DTYPES.get(a.dtype),
+                                quantize=a.quantize, groupsize=a.groupsize)
         window = a.max_seq_len or default_max_seq_len(model.args)
         ppl, count = perplexity(model, tokenizer.encode(a.text.read_text(encoding="utf-8")), window)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

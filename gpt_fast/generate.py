@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import tp
-from .checkpoint import DTYPES, default_device, load_model, resolve_checkpoint
-from .engine import Engine, default_max_seq_len
-from .quantized import quantize_model
-from .sampling import SamplingParams
-from .tokenizer import load_tokenizer
+from .checkpoints.load import DTYPES, default_device, load, load_model
+from .engine.engine import Engine, default_max_seq_len
+from .engine.sampling import SamplingParams
+from .model import tp
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,18 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed, stop=tuple(a.stop))
-        weights = resolve_checkpoint(a.checkpoint)
         device = tp.setup(torch.device(a.device or default_device()))
         t0 = time.perf_counter()
-        model = load_model(weights, device=device, dtype=DTYPES.get(a.dtype), rank=tp.rank(),
-                           world_size=tp.world_size())
-        tokenizer = load_tokenizer(weights.parent, model.args.tokenizer, model.args.stop_token_ids)
+        model, tokenizer = load(a.checkpoint, device=device, dtype=DTYPES.get(a.dtype), rank=tp.rank(),
+                                world_size=tp.world_size())
         draft = None
         if a.draft_checkpoint:
-            draft = load_model(resolve_checkpoint(a.draft_checkpoint), device=device, dtype=DTYPES.get(a.dtype),
-                               rank=tp.rank(), world_size=tp.world_size())
-            if a.draft_quantize:
-                quantize_model(draft, a.draft_quantize)
+            draft = load_model(a.draft_checkpoint, device=device, dtype=DTYPES.get(a.dtype), rank=tp.rank(),
+                               world_size=tp.world_size(), quantize=a.draft_quantize)
         engine = Engine(model, tokenizer, max_batch_size=1,
                         max_seq_len=a.max_seq_len or default_max_seq_len(model.args), compile=a.compile,
                         speculate=speculate, speculate_k=a.speculate_k, draft_model=draft,

@@ -19,15 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpt_fast import tp  # noqa: E402
-from gpt_fast.checkpoint import DTYPES, load_model  # noqa: E402
-from gpt_fast.config import NAMED_SHAPES, ModelArgs, scheme_name  # noqa: E402
-from gpt_fast.engine import Engine  # noqa: E402
-from gpt_fast.model import Transformer  # noqa: E402
-from gpt_fast.quantized import pack_for_device, quantize_model  # noqa: E402
-from gpt_fast.sampling import SamplingParams  # noqa: E402
-from gpt_fast.tokenizer import load_tokenizer  # noqa: E402
-
+from gpt_fast.checkpoints.load import DTYPES, load, load_model  # noqa: E402
+from gpt_fast.engine.engine import Engine  # noqa: E402
+from gpt_fast.engine.sampling import SamplingParams  # noqa: E402
+from gpt_fast.model import tp  # noqa: E402
+from gpt_fast.model.args import NAMED_SHAPES, ModelArgs, scheme_name  # noqa: E402
+from gpt_fast.model.quantized import pack_for_device, quantize_model  # noqa: E402
+from gpt_fast.model.transformer import Transformer  # noqa: E402
 
 
 class NoTextTokenizer:
@@ -170,8 +168,8 @@ def main() -> None:
         dtype = DTYPES[dtype_name]
         for quant in a.quantize:
             if a.checkpoint:
-                model = load_model(a.checkpoint, device, dtype, tp.rank(), tp.world_size())
-                tokenizer = load_tokenizer(Path(a.checkpoint), model.args.tokenizer, model.args.stop_token_ids)
+                model, tokenizer = load(a.checkpoint, device, dtype, None if quant == "none" else quant,
+                                        a.groupsize if quant == "int4" else None, tp.rank(), tp.world_size())
             elif ranks:
                 model = sharded_random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device, dtype)
                 tokenizer = NoTextTokenizer()
@@ -181,7 +179,7 @@ def main() -> None:
                 model = random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device if quant == "none" else
                                      torch.device("cpu"), dtype)
                 tokenizer = NoTextTokenizer()
-            if quant != "none":
+            if quant != "none" and not a.checkpoint:
                 quantize_model(model, quant, a.groupsize if quant == "int4" else None, pack=False)
                 model.to(device)
                 pack_for_device(model)

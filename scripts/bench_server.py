@@ -27,15 +27,15 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpt_fast.checkpoint import load_model  # noqa: E402
-from gpt_fast.config import NAMED_SHAPES, ModelArgs  # noqa: E402
-from gpt_fast.engine import Engine, default_max_seq_len  # noqa: E402
-from gpt_fast.model import Transformer  # noqa: E402
-from gpt_fast.sampling import SamplingParams  # noqa: E402
-from gpt_fast.serving import HandlerConfig  # noqa: E402
-from gpt_fast.tiny import build_tiny  # noqa: E402
-from gpt_fast.tokenizer import load_tokenizer  # noqa: E402
 from local_server import ROOT, LocalServer  # noqa: E402
+
+from gpt_fast.checkpoints.load import load  # noqa: E402
+from gpt_fast.checkpoints.tiny import build_tiny  # noqa: E402
+from gpt_fast.engine.engine import Engine, default_max_seq_len  # noqa: E402
+from gpt_fast.engine.sampling import SamplingParams  # noqa: E402
+from gpt_fast.model.args import NAMED_SHAPES, ModelArgs  # noqa: E402
+from gpt_fast.model.transformer import Transformer  # noqa: E402
+from gpt_fast.serving.config import HandlerConfig  # noqa: E402
 
 SHARED_PREFIX_TOKENS, PREFIX_PROMPT_TOKENS = 900, 1000
 PROMPTS = ["The capital of France", "Once upon a time there was a little", "Bread and butter",
@@ -161,8 +161,8 @@ def start_to_first_token(server: LocalServer) -> float:
 
 def in_process_engine(checkpoint: Path, config: HandlerConfig) -> Engine:
     """The engine with the handler's settings, warmed up."""
-    model = load_model(checkpoint, "cpu" if not torch.cuda.is_available() else "cuda", config.torch_dtype())
-    tokenizer = load_tokenizer(checkpoint, model.args.tokenizer, model.args.stop_token_ids)
+    model, tokenizer = load(checkpoint, "cpu" if not torch.cuda.is_available() else "cuda", config.torch_dtype(),
+                            config.quantize, config.groupsize)
     engine = Engine(model, tokenizer, config.max_batch_size, config.max_seq_len or default_max_seq_len(model.args),
                     compile=config.compile, prefix_cache_bytes=config.prefix_cache_bytes())
     engine.warmup()

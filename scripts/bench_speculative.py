@@ -4,7 +4,7 @@
     python scripts/bench_speculative.py --device cuda --shape llama-3.1-8b   # random weights, int4 draft
 
 Speedup needs a draft that agrees with the target, and random weights do not agree with anything. So the CPU
-target is the tiny model's planted rule (gpt_fast/tiny.py) at the stories110M size: 12 layers, dim 768 (24 heads
+target is the tiny model's planted rule (gpt_fast/checkpoints/tiny.py) at the stories110M size: 12 layers, dim 768 (24 heads
 of 32), the tiny tokenizer's 515 tokens, unplanted matrices random (small). Its next token is decided in layer 0,
 so a draft made of the target's own first two layers and output head (self-speculative, as in LayerSkip) agrees
 almost always. Rows, each against the plain decoding of the same model and prompt, all engines compiled first
@@ -19,8 +19,8 @@ import json
 import platform
 import sys
 import tempfile
-from dataclasses import replace
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import sentencepiece as spm
@@ -28,13 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import NoTextTokenizer, random_model, sync  # noqa: E402
-from gpt_fast.config import NAMED_SHAPES, ModelArgs  # noqa: E402
-from gpt_fast.engine import Engine  # noqa: E402
-from gpt_fast.model import Transformer  # noqa: E402
-from gpt_fast.quantized import quantize_model  # noqa: E402
-from gpt_fast.sampling import SamplingParams  # noqa: E402
-from gpt_fast.tiny import ordinary_pieces, planted_weights, train_tokenizer  # noqa: E402
-from gpt_fast.tokenizer import SentencePieceTokenizer  # noqa: E402
+
+from gpt_fast.checkpoints.tiny import ordinary_pieces, planted_weights, train_tokenizer  # noqa: E402
+from gpt_fast.engine.engine import Engine  # noqa: E402
+from gpt_fast.engine.sampling import SamplingParams  # noqa: E402
+from gpt_fast.model.args import NAMED_SHAPES, ModelArgs  # noqa: E402
+from gpt_fast.model.quantized import quantize_model  # noqa: E402
+from gpt_fast.model.transformer import Transformer  # noqa: E402
+from gpt_fast.text.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 DRAFT_LAYERS = 2
 

@@ -1,6 +1,6 @@
 import pytest
 
-from gpt_fast.tiny import build_tiny
+from gpt_fast.checkpoints.tiny import build_tiny
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from gpt_fast.checkpoint import load_model
-from gpt_fast.config import NAMED_SHAPES, ModelArgs
-from gpt_fast.convert import convert, find_tokenizer, model_args_from_hf
-from gpt_fast.download import select_files
-from gpt_fast.engine import Engine
-from gpt_fast.model import Transformer
-from gpt_fast.sampling import SamplingParams
-from gpt_fast.tokenizer import load_tokenizer
+from gpt_fast.arch import model_args_from_hf
+from gpt_fast.checkpoints.convert import convert, find_tokenizer
+from gpt_fast.checkpoints.download import select_files
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.engine.engine import Engine
+from gpt_fast.engine.sampling import SamplingParams
+from gpt_fast.model.args import NAMED_SHAPES, ModelArgs
+from gpt_fast.model.transformer import Transformer
+from gpt_fast.text.tokenizer import load_tokenizer
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=512, rms_norm_eps=1e-5)

@@ -2,10 +2,10 @@
 import random
 
 import pytest
-
-from gpt_fast.detokenizer import IncrementalDetokenizer
-from gpt_fast.tokenizer import Tokenizer, load_tokenizer
 from test_tokenizer import write_tiktoken_file
+
+from gpt_fast.text.detokenizer import IncrementalDetokenizer
+from gpt_fast.text.tokenizer import Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")

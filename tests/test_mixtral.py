@@ -5,18 +5,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_convert import assert_matches_transformers, randomize
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from gpt_fast.checkpoint import load_model
-from gpt_fast.config import NAMED_SHAPES, ModelArgs
-from gpt_fast.convert import convert, model_args_from_hf
-from gpt_fast.engine import Engine
-from gpt_fast.model import Transformer
-from gpt_fast.quantize import quantize_checkpoint
-from gpt_fast.quantized import quantize_model
-from gpt_fast.sampling import SamplingParams
-from gpt_fast.tokenizer import load_tokenizer
-from test_convert import assert_matches_transformers, randomize
+from gpt_fast.arch import model_args_from_hf
+from gpt_fast.checkpoints.convert import convert
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.checkpoints.quantize import quantize_checkpoint
+from gpt_fast.engine.engine import Engine
+from gpt_fast.engine.sampling import SamplingParams
+from gpt_fast.model.args import NAMED_SHAPES, ModelArgs
+from gpt_fast.model.quantized import quantize_model
+from gpt_fast.model.transformer import Transformer
+from gpt_fast.text.tokenizer import load_tokenizer
 
 # 4 experts, top-2: one or two tokens take the gather path (decode at batch 1 and 2), more the all-experts path.
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

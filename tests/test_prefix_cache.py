@@ -3,11 +3,11 @@ no recompiles after warm-up."""
 import pytest
 import torch
 
-from gpt_fast.checkpoint import load_model
-from gpt_fast.engine import PREFILL_TOKENS_PER_STEP, Engine
-from gpt_fast.prefix_cache import BLOCK_SIZE
-from gpt_fast.sampling import SamplingParams
-from gpt_fast.tokenizer import load_tokenizer
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.engine.engine import PREFILL_TOKENS_PER_STEP, Engine
+from gpt_fast.engine.prefix_cache import BLOCK_SIZE
+from gpt_fast.engine.sampling import SamplingParams
+from gpt_fast.text.tokenizer import load_tokenizer
 
 SYSTEM = ("You are a helpful assistant. Answer briefly and politely, and say so when you do not know. "
           "The river ran past the old mill and the children watched the water turn the wheel.")

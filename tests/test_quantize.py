@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gpt_fast.checkpoint import load_model
-from gpt_fast.config import ModelArgs
-from gpt_fast.engine import Engine
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.checkpoints.quantize import quantize_checkpoint
+from gpt_fast.checkpoints.tiny import CORPUS
+from gpt_fast.engine.engine import Engine
+from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.eval import perplexity
-from gpt_fast.model import Transformer
-from gpt_fast.quantize import quantize_checkpoint
-from gpt_fast.quantized import WeightOnlyInt4Linear, WeightOnlyInt8Linear, quantize_model
-from gpt_fast.sampling import SamplingParams
-from gpt_fast.tiny import CORPUS
-from gpt_fast.tokenizer import load_tokenizer
+from gpt_fast.model.args import ModelArgs
+from gpt_fast.model.quantized import WeightOnlyInt4Linear, WeightOnlyInt8Linear, quantize_model
+from gpt_fast.model.transformer import Transformer
+from gpt_fast.text.tokenizer import load_tokenizer
 
 PROMPTS = ["The capital of France", "Once upon a time there was a little", "A",
            "The river ran past the old mill and the children watched the water turn the wheel all day long"]

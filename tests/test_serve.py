@@ -15,12 +15,11 @@ from typing import Iterator, Optional
 import pytest
 import requests
 
-from gpt_fast.checkpoint import load_model
-from gpt_fast.engine import Engine
-from gpt_fast.sampling import SamplingParams
-from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, PREFIX_CACHE_BLOCKS,
-                              PREFIX_CACHE_SAVED_TOKENS, REQUESTS_FINISHED, TIME_TO_FIRST_TOKEN)
-from gpt_fast.tokenizer import load_tokenizer
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.engine.engine import Engine
+from gpt_fast.engine.sampling import SamplingParams
+from gpt_fast.serving import metrics
+from gpt_fast.text.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from local_server import LocalServer  # noqa: E402
@@ -244,7 +243,7 @@ def test_bad_requests_get_400_for_themselves_alone(server, engine):
 
 def test_client_disconnect_frees_its_slot(server, engine):
     def cancelled() -> float:
-        return metric(server, REQUESTS_FINISHED, 'Reason="cancelled"')
+        return metric(server, metrics.REQUESTS_FINISHED, 'Reason="cancelled"')
 
     before = cancelled()
     abandoned = [server.post({"prompt": "Once upon a time", "max_new_tokens": MAX_SEQ_LEN - 10}, stream=True)
@@ -267,7 +266,7 @@ def test_client_disconnect_frees_its_slot(server, engine):
     assert [r.status_code for r in with_slots] == [200] * BATCH_SIZE
     assert all(r.json()["text"] == expected for r in with_slots)
     assert cancelled() - before == BATCH_SIZE
-    assert metric(server, ACTIVE_SLOTS) == 0
+    assert metric(server, metrics.ACTIVE_SLOTS) == 0
     # Had the abandoned requests kept their slots, this batch would have waited ~500 steps for them.
     assert elapsed < 60
 
@@ -289,21 +288,21 @@ def metric(server: LocalServer, name: str, labels: str = "") -> float:
 def test_metrics_endpoint_lists_our_metrics(server):
     assert server.post({**REQUEST, "stream": False}).status_code == 200
     text = requests.get(server.metrics_url, timeout=30).text
-    for name in (GENERATED_TOKENS, REQUESTS_FINISHED, ACTIVE_SLOTS):
+    for name in (metrics.GENERATED_TOKENS, metrics.REQUESTS_FINISHED, metrics.ACTIVE_SLOTS):
         assert re.search(rf"^{name}{{.*ModelName=\"gpt-fast\"", text, re.M), name
-    for name in (TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY):
+    for name in (metrics.TIME_TO_FIRST_TOKEN, metrics.INTER_TOKEN_LATENCY):
         assert re.search(rf"^{name}_count{{.*}} [1-9]", text, re.M), name
-    assert metric(server, GENERATED_TOKENS) >= REQUEST["max_new_tokens"]
-    assert metric(server, REQUESTS_FINISHED, 'Reason="length"') >= 1
+    assert metric(server, metrics.GENERATED_TOKENS) >= REQUEST["max_new_tokens"]
+    assert metric(server, metrics.REQUESTS_FINISHED, 'Reason="length"') >= 1
 
 
 def test_shared_prefix_is_served_from_the_cache(server, engine):
     system = "The river ran past the old mill and the children watched the water turn the wheel. "
     bodies = [{"prompt": system + q, "max_new_tokens": 12, "stream": False} for q in ("Who?", "Why not?")]
-    saved_before = metric(server, PREFIX_CACHE_SAVED_TOKENS)
+    saved_before = metric(server, metrics.PREFIX_CACHE_SAVED_TOKENS)
     answers = [server.post(body).json() for body in bodies]
     assert [a["text"] for a in answers] == [solo(engine, body).text for body in bodies]
     cached = answers[1]["usage"]["cached_tokens"]
     assert cached >= 16 and cached % 16 == 0
-    assert metric(server, PREFIX_CACHE_SAVED_TOKENS) - saved_before >= cached
-    assert metric(server, PREFIX_CACHE_BLOCKS, 'Event="hit"') >= cached // 16
+    assert metric(server, metrics.PREFIX_CACHE_SAVED_TOKENS) - saved_before >= cached
+    assert metric(server, metrics.PREFIX_CACHE_BLOCKS, 'Event="hit"') >= cached // 16

@@ -6,12 +6,11 @@ import time
 
 import pytest
 import torch
-
-from gpt_fast.checkpoint import load_model
-from gpt_fast.engine import Engine
-from gpt_fast.tokenizer import load_tokenizer
-
 from test_serve import BATCH_SIZE, FRONTEND_CONFIG, concurrently, served, solo, stream
+
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.engine.engine import Engine
+from gpt_fast.text.tokenizer import load_tokenizer
 
 MAX_SEQ_LEN = 256
 # fp32, so the reference engine's sampled tokens cannot differ from the ranks' by a rounding flip.

@@ -4,13 +4,15 @@ import json
 import pytest
 import torch
 
-from gpt_fast.checkpoint import load_model
-from gpt_fast.engine import Engine
-from gpt_fast.sampling import SamplingParams
-from gpt_fast.serving import (ACTIVE_SLOTS, GENERATED_TOKENS, INTER_TOKEN_LATENCY, JSON, PREFIX_CACHE_BLOCKS,
-                              PREFIX_CACHE_SAVED_TOKENS, REQUESTS_FINISHED, TEXT, TIME_TO_FIRST_TOKEN, HandlerConfig,
-                              Reply, RequestError, ServingLoop, parse_request)
-from gpt_fast.tokenizer import load_tokenizer
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.engine.engine import Engine
+from gpt_fast.engine.sampling import SamplingParams
+from gpt_fast.serving import metrics
+from gpt_fast.serving.config import HandlerConfig
+from gpt_fast.serving.fields import RequestError
+from gpt_fast.serving.loop import Reply, ServingLoop
+from gpt_fast.serving.protocol import JSON, TEXT, error_body, parse_request
+from gpt_fast.text.tokenizer import load_tokenizer
 
 DEFAULTS = SamplingParams(max_new_tokens=16)
 
@@ -63,7 +65,7 @@ def test_parse_request_takes_raw_or_decoded_bodies(body):
 def test_parse_request_errors_name_the_field():
     with pytest.raises(RequestError) as e:
         parse_request({"prompt": "hi", "top_k": 2.0}, DEFAULTS, max_seq_len=64)
-    assert json.loads(e.value.to_json()) == {"error": "must be an integer, got 2.0", "field": "top_k"}
+    assert json.loads(error_body(e.value)) == {"error": "must be an integer, got 2.0", "field": "top_k"}
     with pytest.raises(RequestError, match="form fields"):
         parse_request({"prompt": b"hi"}, DEFAULTS, max_seq_len=64)
     with pytest.raises(RequestError, match="at most 16"):
@@ -125,8 +127,9 @@ def test_loop_streams_answers_and_rejects_alone(parts):
     assert bad.first and bad.finished and bad.status == 400 and json.loads(bad.body)["field"] == "top_p"
     assert engine.num_active == 0 and not loop.tracked
     names = [name for name, _ in events]
-    assert {TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, GENERATED_TOKENS, ACTIVE_SLOTS} <= set(names)
-    assert sorted(labels["reason"] for name, labels in events if name == REQUESTS_FINISHED) == \
+    assert {metrics.TIME_TO_FIRST_TOKEN, metrics.INTER_TOKEN_LATENCY, metrics.GENERATED_TOKENS,
+            metrics.ACTIVE_SLOTS} <= set(names)
+    assert sorted(labels["reason"] for name, labels in events if name == metrics.REQUESTS_FINISHED) == \
         ["error", "length", "length", "length"]
 
 
@@ -170,8 +173,8 @@ def test_loop_reports_prefix_cache_hits(parts):
     assert usage[0]["cached_tokens"] == 0 and usage[1]["cached_tokens"] == 16
     totals = {}
     for name, value, labels in events:
-        if name in (PREFIX_CACHE_BLOCKS, PREFIX_CACHE_SAVED_TOKENS):
+        if name in (metrics.PREFIX_CACHE_BLOCKS, metrics.PREFIX_CACHE_SAVED_TOKENS):
             key = (name, *labels.values())
             totals[key] = totals.get(key, 0) + value
-    assert totals[(PREFIX_CACHE_SAVED_TOKENS,)] == 16 and totals[(PREFIX_CACHE_BLOCKS, "hit")] == 1
-    assert totals[(PREFIX_CACHE_BLOCKS, "miss")] == sum((u["prompt_tokens"] - 1) // 16 for u in usage) - 1
+    assert totals[(metrics.PREFIX_CACHE_SAVED_TOKENS,)] == 16 and totals[(metrics.PREFIX_CACHE_BLOCKS, "hit")] == 1
+    assert totals[(metrics.PREFIX_CACHE_BLOCKS, "miss")] == sum((u["prompt_tokens"] - 1) // 16 for u in usage) - 1

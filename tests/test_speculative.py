@@ -3,12 +3,12 @@ per-row acceptance in a batch, back-off when drafts do not pay, compiled without
 import pytest
 import torch
 
-from gpt_fast.checkpoint import load_model
-from gpt_fast.config import ModelArgs
-from gpt_fast.engine import Engine
-from gpt_fast.model import Transformer
-from gpt_fast.sampling import SamplingParams
-from gpt_fast.tokenizer import load_tokenizer
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.engine.engine import Engine
+from gpt_fast.engine.sampling import SamplingParams
+from gpt_fast.model.args import ModelArgs
+from gpt_fast.model.transformer import Transformer
+from gpt_fast.text.tokenizer import load_tokenizer
 
 PROMPTS = ["The capital of France", "Once upon a time there was a little", "A",
            "The river ran past the old mill and the children watched the water turn the wheel all day long"]

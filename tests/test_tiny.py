@@ -4,11 +4,12 @@ import sys
 import pytest
 import torch
 
-from gpt_fast import tiny
-from gpt_fast.checkpoint import load_model
-from gpt_fast.config import ModelArgs
-from gpt_fast.model import Transformer, rope_inv_freq, rotate_half
-from gpt_fast.tokenizer import load_tokenizer
+from gpt_fast.checkpoints import tiny
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.model.args import ModelArgs
+from gpt_fast.model.layers import rope_inv_freq, rotate_half
+from gpt_fast.model.transformer import Transformer
+from gpt_fast.text.tokenizer import load_tokenizer
 
 PROMPTS = ["The capital of France is", "Once upon a time", "日本語 🎉", "Q: What do bees make?\nA:"]
 

@@ -3,8 +3,8 @@ import base64
 
 import pytest
 
-from gpt_fast.tokenizer import (LLAMA3_SPECIAL_TOKENS, SentencePieceTokenizer, TiktokenTokenizer, detect_kind,
-                                load_tokenizer)
+from gpt_fast.text.tokenizer import (LLAMA3_SPECIAL_TOKENS, SentencePieceTokenizer, TiktokenTokenizer, detect_kind,
+                                     load_tokenizer)
 
 MERGES = [b"he", b"ll", b"llo", b"hello", b" w", b"or", b"ld", b" wor", b" world", b"\xf0\x9f"]
 

@@ -14,16 +14,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gpt_fast import tp
-from gpt_fast.checkpoint import load_model
-from gpt_fast.config import ModelArgs
-from gpt_fast.engine import Engine
-from gpt_fast.model import Transformer
-from gpt_fast.quantize import quantize_checkpoint
-from gpt_fast.quantized import quantize_model
-from gpt_fast.sampling import SamplingParams
-from gpt_fast.serving import ServingLoop
-from gpt_fast.tokenizer import load_tokenizer
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.checkpoints.quantize import quantize_checkpoint
+from gpt_fast.engine.engine import Engine
+from gpt_fast.engine.sampling import SamplingParams
+from gpt_fast.model import tp
+from gpt_fast.model.args import ModelArgs
+from gpt_fast.model.layers import Linear
+from gpt_fast.model.quantized import WeightOnlyInt4Linear, WeightOnlyInt8Linear, quantize_model
+from gpt_fast.model.transformer import Transformer
+from gpt_fast.serving.loop import ServingLoop
+from gpt_fast.text.tokenizer import load_tokenizer
 
 WORLD = 2
 PROMPTS = ["The capital of France", "Once upon a time there was a little", "A",
@@ -123,12 +124,15 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, tuple[str, str]]
     root = tmp_path_factory.mktemp("tp")
     tied = random_checkpoint(root / "tied", tiny_checkpoint)
     moe = random_checkpoint(root / "moe", tiny_checkpoint, num_experts=4, num_experts_per_tok=2, tie_embeddings=False)
+    biased = random_checkpoint(root / "biased", tiny_checkpoint, qkv_bias=True)
     return {"tiny": (str(tiny_checkpoint), "float32"),
             "int8": (str(quantize_checkpoint(tiny_checkpoint, "int8", out_dir=root / "int8")), "float32"),
             "tied": (str(tied), "float32"),
             "int4": (str(quantize_checkpoint(tied, "int4", 64, root / "int4")), "bfloat16"),
             "moe": (str(moe), "float32"),
-            "moe-int8": (str(quantize_checkpoint(moe, "int8", out_dir=root / "moe-int8")), "float32")}
+            "moe-int8": (str(quantize_checkpoint(moe, "int8", out_dir=root / "moe-int8")), "float32"),
+            "biased": (str(biased), "float32"),
+            "biased-int8": (str(quantize_checkpoint(biased, "int8", out_dir=root / "biased-int8")), "float32")}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +159,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name", ["tiny", "int8", "tied", "moe", "moe-int8"])
+@pytest.mark.parametrize("name", ["tiny", "int8", "tied", "moe", "moe-int8", "biased", "biased-int8"])
 def test_two_ranks_match_one_process(checkpoints, ranks, name):
     key = checkpoints[name]
     logits, tokens = single_process(*key)
@@ -239,6 +243,35 @@ def test_unshardable_shapes_are_rejected_naming_them(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="feed_forward.w2.weight: int4 groups of 32 inputs do not split into "
                                          "shards of 172"):
         load_model(int4, "cpu", rank=0, world_size=WORLD)
+
+
+@pytest.mark.parametrize("kind", ["float", "int8", "int4"])
+def test_every_linear_kind_shards_with_its_bias(kind):
+    """Row shards stack into the whole layer's output, column shards sum to it (the bias added once)."""
+    torch.manual_seed(0)
+    whole = Linear(128, 48, bias=True).to(torch.bfloat16)
+    if kind == "int8":
+        whole = WeightOnlyInt8Linear.from_linear(whole)
+    elif kind == "int4":
+        whole = WeightOnlyInt4Linear.from_linear(whole, 32)
+    state = {f"x.{k}": v for k, v in whole.state_dict().items()}
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+
+    def shard(split: str, inputs: torch.Tensor, *args) -> torch.Tensor:
+        shard_state = dict(state)
+        layer = getattr(whole, split)(shard_state, "x.", *args)
+        layer.load_state_dict({k[2:]: v for k, v in shard_state.items()}, assign=True)
+        if kind == "int4":
+            layer.pack()
+        return layer(inputs).float()
+
+    rows = torch.cat([shard("shard_rows", x, torch.arange(r * 24, r * 24 + 24)) for r in range(WORLD)], dim=-1)
+    columns = sum(shard("shard_columns", x[:, r * 64:r * 64 + 64], r * 64, 64) for r in range(WORLD))
+    if kind == "int4":
+        whole.pack()
+    expected = whole(x).float()
+    assert torch.allclose(rows, expected)
+    assert torch.allclose(columns, expected, atol=0.05, rtol=0.02)  # bf16 partial sums
 
 
 def test_torchrun_generate_prints_once_and_matches(tiny_checkpoint):

@@ -23,7 +23,7 @@ from .runner import ModelRunner, bucket
 from .sampling import RowSampling, probabilities, sample, sample_from, uniform_noise
 
 # A verify pass over k + 1 = 5 tokens costs about this many plain decode steps: 2 on CPU (BENCHMARKS.md), where
-# matmuls of up to 4 rows run as fused reductions (matvec.py) and wider ones on oneDNN; nearer 1 on GPUs.
+# matmuls of up to 4 rows run as fused reductions (model/matvec.py) and wider ones on oneDNN; nearer 1 on GPUs.
 VERIFY_COST = 2.0
 MAX_BACKOFF = 64
 LOOKUP_NGRAMS = (3, 2, 1)  # longest suffix match first
@@ -114,8 +114,20 @@ def accept(logits: Tensor, drafts: Tensor, num_drafts: Tensor, draft_probs: Opti
     return tokens, accepted + 1
 
 
+@dataclass
+class Verified:
+    """One row's outcome of a draft-and-verify step: the tokens it takes, drafts proposed, drafts accepted."""
+    tokens: list[int]
+    drafted: int
+    accepted: int
+
+
 class Speculator:
-    """Drafts up to k tokens per row (a draft model's, or prompt lookup's) and verifies them in one target pass."""
+    """Drafts up to k tokens per row (a draft model's, or prompt lookup's) and verifies them in one target pass.
+
+    It keeps each admitted request's RowState by request id until forget(); the engine appends the tokens step()
+    returns, so requests never hold speculation state themselves.
+    """
 
     def __init__(self, target: ModelRunner, draft: Optional[ModelRunner], k: int, max_seq_len: int,
                  draft_cost: float = 0.0):
@@ -124,22 +136,28 @@ class Speculator:
             raise ValueError(f"speculate_k must be >= 1, got {k}")
         self.target, self.draft, self.k, self.max_seq_len = target, draft, k, max_seq_len
         self.min_tokens_per_pass = VERIFY_COST + k * draft_cost
+        self.rows: dict[str, RowState] = {}
 
     def admit(self, req: Request, enabled: bool) -> None:
         """Set up a newly prefilled request (the engine prefills the draft's slot with the target's)."""
-        req.speculation = RowState(enabled=enabled, tokens_per_pass=self.k + 1.0, draft_cached=len(req.prompt_ids))
+        state = self.rows[req.request_id] = RowState(enabled=enabled, tokens_per_pass=self.k + 1.0,
+                                                     draft_cached=len(req.prompt_ids))
         if enabled and self.draft is None:
-            req.speculation.lookup = NgramIndex()
-            req.speculation.lookup.extend(req.prompt_ids)
+            state.lookup = NgramIndex()
+            state.lookup.extend(req.prompt_ids)
+
+    def forget(self, request_id: str) -> None:
+        """The request left the engine (finished or cancelled)."""
+        self.rows.pop(request_id, None)
 
     def plan(self, reqs: list[Request]) -> list[int]:
         """How many tokens each request drafts this step (0: a plain step for it)."""
         return [self._plan(r) for r in reqs]
 
     def step(self, reqs: list[Request], ks: list[int], batch: int, kv_buckets: Sequence[int],
-             sampling: Optional[RowSampling]) -> list[list[int]]:
+             sampling: Optional[RowSampling]) -> list[Verified]:
         """One draft-and-verify step for rows 0..len(reqs)-1 (batch >= len(reqs) rows run), drafting ks[b] tokens
-        for row b (from plan()); returns each request's new tokens. sampling None: every row is greedy."""
+        for row b (from plan()); returns each request's outcome. sampling None: every row is greedy."""
         width = self.verify_width(max(ks))
         lengths = [r.num_tokens for r in reqs]
         kv_len = bucket(kv_buckets, max(n + k for n, k in zip(lengths, ks)))  # past the last draft's position
@@ -148,7 +166,7 @@ class Speculator:
         if self.draft is not None:
             drafts, draft_probs = self._draft(reqs, ks_pad, width - 1, kv_len, sampling)
         else:
-            rows = [r.speculation.proposal[:k] + [0] * (width - 1 - k) for r, k in zip(reqs, ks)]
+            rows = [self.rows[r.request_id].proposal[:k] + [0] * (width - 1 - k) for r, k in zip(reqs, ks)]
             drafts, draft_probs = self._tensor(rows + [[0] * (width - 1)] * pad), None
         last = self._tensor([r.generated[-1] for r in reqs] + [0] * pad)
         positions = self._positions(lengths + [0] * pad, [k + 1 for k in ks] + [0] * pad, width, first=-1)
@@ -158,13 +176,11 @@ class Speculator:
         out = []
         for r, k, n, row, count in zip(reqs, ks, lengths, tokens, counts):
             if k:
-                r.draft_passes += 1
-                r.draft_tokens += k
-                r.accepted_tokens += count - 1
-                r.speculation.record(count - 1, self.min_tokens_per_pass)
+                state = self.rows[r.request_id]
+                state.record(count - 1, self.min_tokens_per_pass)
                 if self.draft is not None:  # the draft cached the last token and its drafts up to the first reject
-                    r.speculation.draft_cached = n + min(count - 1, k - 1)
-            out.append(row[:count])
+                    state.draft_cached = n + min(count - 1, k - 1)
+            out.append(Verified(row[:count], drafted=k, accepted=count - 1 if k else 0))
         return out
 
     def verify_width(self, max_drafts: int) -> int:
@@ -173,11 +189,12 @@ class Speculator:
 
     def observe(self, req: Request, tokens: list[int]) -> None:
         """Tokens the request just took (after stop handling), for the lookup index."""
-        if req.speculation and req.speculation.lookup is not None:
-            req.speculation.lookup.extend(tokens)
+        state = self.rows.get(req.request_id)
+        if state and state.lookup is not None:
+            state.lookup.extend(tokens)
 
     def _plan(self, req: Request) -> int:
-        state = req.speculation
+        state = self.rows[req.request_id]
         # Every step yields one token besides the drafts; positions must stay inside the cache.
         room = min(req.params.max_new_tokens - len(req.generated) - 1, self.max_seq_len - req.num_tokens)
         if not state.enabled or room < 1:
@@ -197,7 +214,7 @@ class Speculator:
         greedy)."""
         lags = []
         for r, k in zip(reqs, ks):
-            state = r.speculation
+            state = self.rows[r.request_id]
             if k and r.num_tokens - state.draft_cached > 2:  # it decoded plainly for a while: catch the draft up
                 sequence = r.prompt_ids + r.generated
                 self.draft.prefill(r.slot, sequence[state.draft_cached:r.num_tokens - 2], start=state.draft_cached)

@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from .model import KVCache, Transformer
+from ..model.layers import KVCache
+from ..model.transformer import Transformer
 
 BLOCK_SIZE = 16
 

@@ -1,13 +1,15 @@
-"""Load a converted checkpoint directory (model.pth + config.json + tokenizer.model) onto a device."""
+"""Load a converted checkpoint directory (model.pth + config.json + tokenizer) onto a device: the one place where a
+checkpoint, quantization at load, tensor-parallel sharding and the tokenizer come together."""
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from .config import ModelArgs
-from .model import Transformer
-from .quantized import empty_quantized_linears, pack_for_device
-from .tp import shard_model
+from ..model.args import ModelArgs
+from ..model.quantized import empty_quantized_linears, pack_for_device, quantize_model
+from ..model.tp import shard_model
+from ..model.transformer import Transformer
+from ..text.tokenizer import Tokenizer, load_tokenizer
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
@@ -33,13 +35,24 @@ def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
     return torch.bfloat16
 
 
+def load(path: Union[str, Path], device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+         quantize: Optional[str] = None, groupsize: Optional[int] = None, rank: int = 0,
+         world_size: int = 1) -> tuple[Transformer, Tokenizer]:
+    """The model (see load_model) and the tokenizer of the checkpoint at `path`."""
+    weights = resolve_checkpoint(path)
+    model = load_model(weights, device, dtype, rank, world_size, quantize, groupsize)
+    return model, load_tokenizer(weights.parent, model.args.tokenizer, model.args.stop_token_ids)
+
+
 def load_model(path: Union[str, Path], device: Union[str, torch.device, None] = None,
-               dtype: Optional[torch.dtype] = None, rank: int = 0, world_size: int = 1) -> Transformer:
+               dtype: Optional[torch.dtype] = None, rank: int = 0, world_size: int = 1,
+               quantize: Optional[str] = None, groupsize: Optional[int] = None) -> Transformer:
     """Build the model on the meta device and assign the mmapped weights (no second copy in RAM).
 
     A quantized checkpoint (config.json's `quantization`) gets quantized Linear layers before the weights are
-    assigned; int4 weights are packed for `device` last. world_size > 1 loads tensor-parallel shard `rank` (tp.py),
-    reading only that shard's bytes.
+    assigned; int4 weights are packed for `device` last. quantize ("int8" | "int4", with groupsize) quantizes an
+    unquantized checkpoint after loading. world_size > 1 loads tensor-parallel shard `rank` (model/tp.py), reading only
+    that shard's bytes.
     """
     weights = resolve_checkpoint(path)
     args = ModelArgs.load(weights.parent / "config.json")
@@ -66,5 +79,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device, None] = 
     if tied:
         model.tie_weights()
     model = model.to(device=device, dtype=dtype)
+    if quantize:
+        quantize_model(model, quantize, groupsize)
     pack_for_device(model)
     return model.eval().requires_grad_(False)

@@ -14,14 +14,14 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .config import ModelArgs
-from .model import Transformer
+from ..model.args import ModelArgs
+from ..model.transformer import Transformer
+from ..text.tokenizer import Tokenizer
 from .prefix_cache import PrefixCache
 from .request import Request, StepOutput
 from .runner import ModelRunner, batch_buckets, bucket, kv_buckets
 from .sampling import RowSampling, SamplingParams, greedy_sample, sample
 from .speculative import Speculator
-from .tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 2048
 PREFILL_TOKENS_PER_STEP = 256
@@ -179,8 +179,11 @@ class Engine:
         drafts = self.speculator.plan(reqs) if self.speculator else []
         if any(drafts):
             greedy = all(r.params.greedy for r in reqs)
-            new_tokens = self.speculator.step(reqs, drafts, batch, self.kv_buckets,
-                                              None if greedy else self._sampling(reqs, batch))
+            verified = self.speculator.step(reqs, drafts, batch, self.kv_buckets,
+                                            None if greedy else self._sampling(reqs, batch))
+            for r, v in zip(reqs, verified):
+                r.count_drafts(v.drafted, v.accepted)
+            new_tokens = [v.tokens for v in verified]
         else:
             tokens = [r.generated[-1] for r in reqs] + [0] * (batch - len(reqs))
             positions = [r.num_tokens - 1 for r in reqs] + [-1] * (batch - len(reqs))
@@ -238,6 +241,8 @@ class Engine:
                 i += 1
 
     def _free(self, index: int) -> None:
+        if self.speculator:
+            self.speculator.forget(self.active[index].request_id)
         last = self.active.pop()
         if index < len(self.active):
             self._move_slot(last, index)

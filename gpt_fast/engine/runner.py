@@ -8,8 +8,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .matvec import MatvecAsReduction
-from .model import Transformer
+from ..model.matvec import MatvecAsReduction
+from ..model.transformer import Transformer
 
 # 128 is there for the rest of a prompt after a cached prefix (a 1000-token prompt with 900 cached prefills 104).
 PREFILL_BUCKETS = (16, 64, 128, 256, 1024)
@@ -58,7 +58,7 @@ class ModelRunner:
         # graph: allow them all. torch's compiler settings are per thread, so they travel with each call (the
         # handler compiles and steps on its own engine thread).
         dynamo = {"recompile_limit": 128, "accumulated_recompile_limit": 1024}
-        # CPU: matmuls of up to 4 rows (decode of small batches) as fused reductions, not oneDNN calls (matvec.py).
+        # CPU: matmuls of up to 4 rows (decode of small batches) as fused reductions, not oneDNN (model/matvec.py).
         inductor = {"coordinate_descent_tuning": True} if cuda else {"post_grad_custom_pre_pass": MatvecAsReduction()}
 
         def with_settings(fn: Callable) -> Callable:

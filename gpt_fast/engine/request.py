@@ -1,13 +1,10 @@
 """One generation request's state on the host: tokens so far, text deltas, stop conditions."""
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from .detokenizer import IncrementalDetokenizer
+from ..text.detokenizer import IncrementalDetokenizer
+from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from .speculative import RowState
 
 
 @dataclass
@@ -43,7 +40,6 @@ class Request:
     cached_tokens: int = 0  # of those, copied from the prefix cache
     generated: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
-    speculation: Optional["RowState"] = None
     draft_passes: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
@@ -61,6 +57,13 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def count_drafts(self, drafted: int, accepted: int) -> None:
+        """A verify pass checked `drafted` draft tokens of this request and accepted `accepted` of them."""
+        if drafted:
+            self.draft_passes += 1
+            self.draft_tokens += drafted
+            self.accepted_tokens += accepted
 
     def append(self, token_ids: list[int], max_seq_len: int) -> StepOutput:
         """Take newly sampled tokens (possibly several, e.g. from speculation) and decide what to show."""

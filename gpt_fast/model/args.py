@@ -1,4 +1,5 @@
-"""The model's shape, read from the `config.json` the converter writes next to the weights."""
+"""ModelArgs: the model's shape and architecture options, read from the `config.json` the converter writes next to
+the weights; the quantization schemes; named shapes for benchmarks with random weights."""
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None
     max_position_embeddings: int = 4096
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # a bias on the q, k and v projections (fused into wqkv's bias)
     # Which tokenizer file sits next to the weights: "sentencepiece" or "tiktoken".
     tokenizer: str = "sentencepiece"
     # Extra stop ids (e.g. from generation_config.json); the tokenizer adds its own eos ids.

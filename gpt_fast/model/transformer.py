@@ -3,8 +3,11 @@
 Every token carries its own position (`positions[b, t]`, -1 for padding), so rows of one batch can be at
 different lengths and advance by different amounts: prefill, decode, chunked prefill and speculative
 verification are all the same forward call.
+
+Tensor parallelism (tp.py): the attention and the feed-forward each have `shard(state, prefix, rank, world)`,
+which turns the (meta) module into rank's shard and the checkpoint `state` into its slices; their outputs are then
+partial sums, all-reduced. Everything else (embedding, norms, a router) stays whole on every rank.
 """
-import math
 from typing import Optional
 
 import torch
@@ -12,71 +15,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ModelArgs
-
-
-class KVCache(nn.Module):
-    """Keys and values of one layer: [max_batch_size, n_kv_heads, max_seq_len + 1, head_dim].
-
-    The extra last position is a scratch column: padding tokens write there, and no mask ever reads it.
-    """
-
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_len + 1, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, slots: Tensor, write_pos: Tensor, k: Tensor, v: Tensor) -> None:
-        """Write k, v ([B, T, H, D]) at (slots[b], write_pos[b, t])."""
-        index = slots[:, None].expand_as(write_pos)
-        self.k_cache[index, :, write_pos] = k
-        self.v_cache[index, :, write_pos] = v
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
-
-
-def rope_inv_freq(args: ModelArgs) -> Tensor:
-    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
-    scaling = args.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - low) / (high - low)
-        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
-                               torch.where(wavelen < old_len / high, inv_freq, blended))
-    return inv_freq.float()
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+from .args import ModelArgs
+from .layers import KVCache, Linear, RMSNorm, apply_rope, resize_, rope_inv_freq
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_head, self.n_kv_heads, self.head_dim = args.n_head, args.n_kv_heads, args.head_dim
-        self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_kv_heads) * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, (args.n_head + 2 * args.n_kv_heads) * args.head_dim, bias=args.qkv_bias)
+        self.wo = Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
+
+    def shard(self, state: dict[str, Tensor], prefix: str, rank: int, world: int) -> None:
+        """Keep n_head / world query heads and the n_kv_heads / world kv heads they read under GQA (wqkv's rows),
+        and wo's input columns of those query heads."""
+        q_heads, kv_heads, hd = self.n_head // world, self.n_kv_heads // world, self.head_dim
+        kv_rows = _span(rank, kv_heads * hd)
+        rows = torch.cat([_span(rank, q_heads * hd), self.n_head * hd + kv_rows,
+                          (self.n_head + self.n_kv_heads) * hd + kv_rows])
+        self.wqkv = self.wqkv.shard_rows(state, prefix + "wqkv.", rows)
+        self.wo = self.wo.shard_columns(state, prefix + "wo.", rank * q_heads * hd, q_heads * hd)
+        self.n_head, self.n_kv_heads = q_heads, kv_heads
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Optional[Tensor],
                 write_pos: Tensor) -> Tensor:
@@ -86,8 +46,7 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_head, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q = (q.float() * cos + rotate_half(q.float()) * sin).type_as(x)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).type_as(x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache = self.kv_cache
         n_keys = mask.shape[-1]  # read only the cache prefix the mask covers
         if slots is None:  # decode: rows are slots 0..B-1, read in place without a copy
@@ -105,9 +64,16 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.w1 = Linear(args.dim, args.intermediate_size, bias=False)
+        self.w3 = Linear(args.dim, args.intermediate_size, bias=False)
+        self.w2 = Linear(args.intermediate_size, args.dim, bias=False)
+
+    def shard(self, state: dict[str, Tensor], prefix: str, rank: int, world: int) -> None:
+        """Keep 1/world of the intermediate features: w1's and w3's rows, w2's input columns."""
+        size = self.w1.out_features // world
+        self.w1 = self.w1.shard_rows(state, prefix + "w1.", _span(rank, size))
+        self.w3 = self.w3.shard_rows(state, prefix + "w3.", _span(rank, size))
+        self.w2 = self.w2.shard_columns(state, prefix + "w2.", rank * size, size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -124,7 +90,7 @@ class MoEFeedForward(nn.Module):
     probabilities renormalised over the chosen ones (transformers' MixtralSparseMoeBlock).
 
     Experts are stacked: w1, w3 [E, I, D] and w2 [E, D, I], each expert a gated SiLU FeedForward. Tensor
-    parallelism shards I like a dense FeedForward (w1/w3 dim 1, w2 dim 2) and keeps the router whole.
+    parallelism shards I like a dense FeedForward (SHARDED_DIMS) and keeps the router whole.
 
     Two static-shape paths, chosen by the number of tokens N (a Python decision: each compiled bucket takes one):
     - N * top_k <= E (decode at small batch): gather only the chosen experts' matrices, so batch-1 decode reads
@@ -134,13 +100,23 @@ class MoEFeedForward(nn.Module):
       it costs E / top_k times the FLOPs of sparse routing, but needs no data-dependent shapes.
     """
 
+    # The dimension of each stacked tensor that indexes intermediate features (what tensor parallelism splits).
+    SHARDED_DIMS = {"w1": 1, "w3": 1, "w2": 2}
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.top_k = args.num_experts_per_tok
-        self.gate = nn.Linear(args.dim, args.num_experts, bias=False)
+        self.gate = Linear(args.dim, args.num_experts, bias=False)
         self.w1 = _expert_weights(args.num_experts, args.intermediate_size, args.dim)
         self.w3 = _expert_weights(args.num_experts, args.intermediate_size, args.dim)
         self.w2 = _expert_weights(args.num_experts, args.dim, args.intermediate_size)
+
+    def shard(self, state: dict[str, Tensor], prefix: str, rank: int, world: int) -> None:
+        """Keep 1/world of every expert's intermediate features."""
+        size = self.w1.shape[1] // world
+        for name, dim in self.SHARDED_DIMS.items():
+            state[prefix + name] = state[prefix + name].narrow(dim, rank * size, size).contiguous()
+            resize_(self, name, state[prefix + name].shape)
 
     def expert_linear(self, name: str, x: Tensor, expert: int) -> Tensor:
         """x [N, in] times expert `expert`'s matrix `name` ("w1", "w2" or "w3") -> [N, out]."""
@@ -192,7 +168,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
 
@@ -243,3 +219,7 @@ class Transformer(nn.Module):
             cache = layer.attention.kv_cache
             cache.k_cache[dst].copy_(cache.k_cache[src])
             cache.v_cache[dst].copy_(cache.v_cache[src])
+
+
+def _span(rank: int, size: int) -> Tensor:
+    return torch.arange(rank * size, (rank + 1) * size)

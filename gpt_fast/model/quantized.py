@@ -15,6 +15,8 @@ it is tiny, and rounding it would change which experts run.
 
 int4 weights are stored device-neutral (two 4-bit codes per byte, row-major, the even column in the high
 nibble: the layout CUDA's packing op takes) and packed for the device's kernel by pack_for_device().
+
+A Linear's bias, if it has one, stays in the model dtype and is added after the quantized matmul.
 """
 import sys
 from dataclasses import replace
@@ -25,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import quantization_scheme
-from .model import MoEFeedForward, Transformer
+from .args import quantization_scheme
+from .layers import ShardableLinear
+from .transformer import MoEFeedForward, Transformer
 
 INT8_PAD_IN = 16  # the CPU int8 kernel in bf16 reads K in blocks of 16: other K read past the end (torch 2.13)
 INT4_PAD_OUT = 16  # the CPU int4 kernel needs N % 16 == 0, tinygemm (CUDA) N % 8 == 0
@@ -75,30 +78,50 @@ def _int4_op(name: str) -> Callable:
     return op
 
 
-class WeightOnlyInt8Linear(nn.Module):
+def _empty_bias(module: nn.Module, bias: bool, out_features: int, dtype: Optional[torch.dtype],
+                device: Optional[torch.device]) -> None:
+    module.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+
+def _add_bias(y: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return y if bias is None else y + bias
+
+
+class WeightOnlyInt8Linear(ShardableLinear, nn.Module):
     """Symmetric int8 weights with one scale per output channel, in the model dtype.
 
     `weight` is [out, in_padded] with in_features padded to a multiple of 16 by zero columns.
     """
+    ROW_DIMS = {"weight": 0, "scales": 0, "bias": 0}
 
     def __init__(self, in_features: int, out_features: int, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.padded_in = _round_up(in_features, INT8_PAD_IN)
         self.register_buffer("weight", torch.empty(out_features, self.padded_in, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        _empty_bias(self, bias, out_features, dtype, device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "WeightOnlyInt8Linear":
         module = cls(linear.in_features, linear.out_features, device="meta")
         padded = F.pad(linear.weight, (0, module.padded_in - linear.in_features))
         module.weight, module.scales = _int8_per_row(padded)
+        module.bias = None if linear.bias is None else linear.bias.detach()
         return module
+
+    def resized(self, in_features: int, out_features: int) -> "WeightOnlyInt8Linear":
+        return WeightOnlyInt8Linear(in_features, out_features, self.scales.dtype, "meta", self.bias is not None)
+
+    def slice_columns(self, state: dict[str, Tensor], prefix: str, start: int, size: int) -> None:
+        # Each output row keeps its scale: the partial sums of all ranks add up under the same scale.
+        weight = state[prefix + "weight"][:, start:start + size]
+        state[prefix + "weight"] = F.pad(weight, (0, _round_up(size, INT8_PAD_IN) - size))
 
     def forward(self, x: Tensor) -> Tensor:
         y = int8_linear(_flat_padded(x, self.padded_in), self.weight, self.scales)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return _add_bias(y.reshape(*x.shape[:-1], self.out_features), self.bias)
 
 
 class WeightOnlyInt8MoEFeedForward(MoEFeedForward):
@@ -108,6 +131,8 @@ class WeightOnlyInt8MoEFeedForward(MoEFeedForward):
     Decode gathers the chosen experts' int8 codes and scales (2 of 8 experts' bytes at batch 1); prefill runs
     each expert through int8_linear.
     """
+    # w2's scales are per output channel: the partial sums of all ranks add up under the same scale.
+    SHARDED_DIMS = {**MoEFeedForward.SHARDED_DIMS, "w1_scales": 1, "w3_scales": 1}
 
     def __init__(self, moe: MoEFeedForward, device: Optional[torch.device] = None):
         """Uninitialized int8 experts of `moe`'s shapes (on `device`, default moe's), sharing its router."""
@@ -146,16 +171,17 @@ class WeightOnlyInt8MoEFeedForward(MoEFeedForward):
         return (codes[experts].to(x.dtype) @ x.unsqueeze(-1)).squeeze(-1) * scales[experts]
 
 
-class WeightOnlyInt4Linear(nn.Module):
+class WeightOnlyInt4Linear(ShardableLinear, nn.Module):
     """Asymmetric grouped int4: w = (code - 8) * scale + zero per group of `groupsize` input features.
 
     in_features is padded to a multiple of groupsize (inputs are zero-padded to match), out_features to a
     multiple of 16 when packing; outputs are sliced back. `weight` is [out, in_padded / 2] uint8 code pairs and
     `scales_and_zeros` [in_padded / groupsize, out, 2] in the model dtype; packed, they are bf16 like the matmul.
     """
+    ROW_DIMS = {"weight": 0, "scales_and_zeros": 1, "bias": 0}
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
         self.padded_in = _round_up(in_features, groupsize)
@@ -163,6 +189,7 @@ class WeightOnlyInt4Linear(nn.Module):
                                                    device=device))
         self.register_buffer("scales_and_zeros", torch.empty(self.padded_in // groupsize, out_features, 2,
                                                              dtype=dtype, device=device))
+        _empty_bias(self, bias, out_features, dtype, device)
         self.packed_for = None  # the device type whose kernel layout the packed buffers are in
 
     @classmethod
@@ -178,7 +205,21 @@ class WeightOnlyInt4Linear(nn.Module):
         codes = codes.to(torch.uint8).view(n, -1)
         module.weight = codes[:, ::2] << 4 | codes[:, 1::2]
         module.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        module.bias = None if linear.bias is None else linear.bias.detach()
         return module
+
+    def resized(self, in_features: int, out_features: int) -> "WeightOnlyInt4Linear":
+        return WeightOnlyInt4Linear(in_features, out_features, self.groupsize, self.scales_and_zeros.dtype, "meta",
+                                    self.bias is not None)
+
+    def slice_columns(self, state: dict[str, Tensor], prefix: str, start: int, size: int) -> None:
+        groupsize = self.groupsize
+        if start % groupsize or size % groupsize:
+            raise ValueError(f"{prefix}weight: int4 groups of {groupsize} inputs do not split into shards of "
+                             f"{size} inputs; quantize with a group size dividing {size}, or use int8")
+        state[prefix + "weight"] = state[prefix + "weight"][:, start // 2:(start + size) // 2].contiguous()
+        groups = state[prefix + "scales_and_zeros"]
+        state[prefix + "scales_and_zeros"] = groups[start // groupsize:(start + size) // groupsize].contiguous()
 
     def pack(self) -> None:
         """Convert the neutral buffers (on their device, in the model dtype) into that device's kernel layout.
@@ -218,7 +259,8 @@ class WeightOnlyInt4Linear(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed_weight, self.groupsize,
                                                            self.packed_scales_and_zeros)
-        return y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return _add_bias(y, self.bias)
 
 
 def _replace_linears(model: Transformer, make: Callable[[nn.Linear], nn.Module],
@@ -242,11 +284,11 @@ def _replace_linears(model: Transformer, make: Callable[[nn.Linear], nn.Module],
 def empty_quantized_linears(model: Transformer, scheme: dict) -> None:
     """Swap every Linear for an uninitialized quantized one of the same shape (for loading on meta)."""
     def make(linear: nn.Linear) -> nn.Module:
-        dtype = linear.weight.dtype
+        dtype, device, bias = linear.weight.dtype, linear.weight.device, linear.bias is not None
         if scheme["mode"] == "int8":
-            return WeightOnlyInt8Linear(linear.in_features, linear.out_features, dtype, linear.weight.device)
-        return WeightOnlyInt4Linear(linear.in_features, linear.out_features, scheme["groupsize"], dtype,
-                                    linear.weight.device)
+            return WeightOnlyInt8Linear(linear.in_features, linear.out_features, dtype, device, bias)
+        return WeightOnlyInt4Linear(linear.in_features, linear.out_features, scheme["groupsize"], dtype, device,
+                                    bias)
 
     _replace_linears(model, make, WeightOnlyInt8MoEFeedForward)
 

@@ -1,0 +1,38 @@
+"""Architecture adapters: what one model family's checkpoints look like, mapped onto the one Transformer.
+
+Each adapter module (llama.py, mixtral.py) has
+- `model_args(config, generation_config) -> ModelArgs`: its Hugging Face config.json (and generation_config.json)
+  as ModelArgs, raising ValueError on what the Transformer cannot run;
+- `weight_pieces(name, tensor, args) -> list[Piece] | None`: where one of its weight tensors goes in our state dict
+  (renamed, or one part of a fused / stacked tensor); [] for tensors to drop, None for names it does not know.
+Architectural differences are ModelArgs options read by the layers, never a copy of the model; adding a family is
+an adapter module plus, if it needs them, new options.
+
+Imports model only.
+"""
+from types import ModuleType
+from typing import Optional
+
+from ..model.args import ModelArgs
+from . import llama, mixtral
+
+# Hugging Face `architectures` name -> adapter.
+ARCHITECTURES: dict[str, ModuleType] = {
+    "LlamaForCausalLM": llama,
+    "MistralForCausalLM": llama,
+    "MixtralForCausalLM": mixtral,
+}
+
+
+def for_hf_config(config: dict) -> ModuleType:
+    """The adapter for a Hugging Face config.json; ValueError naming the supported ones if there is none."""
+    names = config.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    raise ValueError(f"unsupported architecture {names} (supported: {', '.join(ARCHITECTURES)})")
+
+
+def model_args_from_hf(config: dict, generation_config: Optional[dict] = None) -> ModelArgs:
+    """A Hugging Face config.json (and generation_config.json) as ModelArgs; ValueError on anything unsupported."""
+    return for_hf_config(config).model_args(config, generation_config)

@@ -1,0 +1,80 @@
+"""JSON values checked against the types a field takes, for the handler config and the request protocols alike."""
+import json
+import math
+from typing import Any, Union
+
+from ..engine.sampling import InvalidParam
+
+MAX_STOP_STRINGS = 16  # each is checked against every text delta, so a long list slows the whole batch
+
+
+class RequestError(InvalidParam):
+    """A bad request: HTTP 400 naming `field`, for that request alone (each protocol renders it its own way)."""
+
+
+def is_type(value: Any, kind: Union[type, tuple]) -> bool:
+    """Whether a JSON value is of `kind` (a type or a tuple of them); a float field takes integers too."""
+    if isinstance(value, bool):  # bool is an int subclass: only a bool field takes it
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def type_name(kind: Union[type, tuple]) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list of strings",
+             tuple: "a list of strings", type(None): "null"}
+    return " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def stop_strings(value: Union[str, list], name: str) -> tuple[str, ...]:
+    """A stop field (a string or a list of them) as a tuple; RequestError naming `name` if it is not one."""
+    stop = [value] if isinstance(value, str) else value
+    if not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(name, "must be a non-empty string or a list of non-empty strings")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(name, f"at most {MAX_STOP_STRINGS} stop strings")
+    return tuple(stop)
+
+
+def json_object(body: Any) -> dict:
+    """A request body as a JSON object: raw bytes, text, or what TorchServe already decoded from JSON."""
+    if body is None or (isinstance(body, (bytes, bytearray, str)) and not body):
+        raise RequestError("body", "empty body; send a JSON object (Content-Type: application/json)")
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError("body", f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})")
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError as e:
+            raise RequestError("body", f"the request body is not valid JSON: {e}")
+    if not isinstance(body, dict):
+        raise RequestError("body", f"the request body must be a JSON object, not {type(body).__name__}")
+    if any(isinstance(value, (bytes, bytearray)) for value in body.values()):
+        # Form fields (curl --data without a Content-Type): the form decoding has already mangled any JSON.
+        raise RequestError("body", "got form fields; send the JSON object with Content-Type: application/json")
+    return body
+
+
+def check_fields(body: dict, known: dict[str, Union[type, tuple]]) -> None:
+    """Every field of body is known and of its type; RequestError naming the first that is not."""
+    for name, value in body.items():
+        if name not in known:
+            raise RequestError(name, f"unknown field (known: {', '.join(known)})")
+        if not is_type(value, known[name]):
+            raise RequestError(name, f"must be {type_name(known[name])}, got {json.dumps(value)[:80]}")
+
+
+def text_field(body: dict, name: str) -> str:
+    """A required non-empty string field that is valid Unicode."""
+    text = body.get(name)
+    if not text:
+        raise RequestError(name, f"a non-empty {name} string is required")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text cannot hold them
+        raise RequestError(name, "contains an unpaired surrogate (not valid Unicode)") from None
+    return text
