@@ -214,6 +214,9 @@ BAD_REQUESTS = [
     ({"prompt": "x " * MAX_SEQ_LEN}, "prompt"),  # longer than the context
     (b'{"prompt": "\\ud800"}', "prompt"),  # an unpaired surrogate
     (b'{"prompt": "x", "temperature": NaN}', "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),  # the tiny model has no chat template
+    ({"messages": [{"role": "user", "content": "hi"}], "prompt": "x"}, "messages"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]"),
 ]
 
 

@@ -56,24 +56,32 @@ def test_device_follows_the_gpu_torchserve_assigns():
 
 @pytest.mark.parametrize("body", [b'{"prompt": "hi", "stop": "x"}', '{"prompt": "hi", "stop": "x"}',
                                   {"prompt": "hi", "stop": "x"}, bytearray(b'{"prompt": "hi", "stop": "x"}')])
-def test_parse_request_takes_raw_or_decoded_bodies(body):
-    request = parse_request(body, DEFAULTS, max_seq_len=64)
-    assert request.prompt == "hi" and request.stream and request.params == SamplingParams(max_new_tokens=16,
-                                                                                          stop=("x",))
+def test_parse_request_takes_raw_or_decoded_bodies(body, tiny_tokenizer):
+    request = parse_request(body, DEFAULTS, 64, tiny_tokenizer)
+    assert request.prompt_ids == tiny_tokenizer.encode("hi") and request.prompt_field == "prompt"
+    assert request.stream and request.params == SamplingParams(max_new_tokens=16, stop=("x",))
 
 
-def test_parse_request_errors_name_the_field():
+def test_parse_request_errors_name_the_field(tiny_tokenizer):
+    def parse(body):
+        return parse_request(body, DEFAULTS, 64, tiny_tokenizer)
+
     with pytest.raises(RequestError) as e:
-        parse_request({"prompt": "hi", "top_k": 2.0}, DEFAULTS, max_seq_len=64)
+        parse({"prompt": "hi", "top_k": 2.0})
     assert json.loads(error_body(e.value)) == {"error": "must be an integer, got 2.0", "field": "top_k"}
     with pytest.raises(RequestError, match="form fields"):
-        parse_request({"prompt": b"hi"}, DEFAULTS, max_seq_len=64)
+        parse({"prompt": b"hi"})
     with pytest.raises(RequestError, match="at most 16"):
-        parse_request({"prompt": "hi", "stop": ["s"] * 17}, DEFAULTS, max_seq_len=64)
+        parse({"prompt": "hi", "stop": ["s"] * 17})
     with pytest.raises(RequestError) as e:
-        parse_request({"prompt": "hi", "speculate": "no"}, DEFAULTS, max_seq_len=64)
+        parse({"prompt": "hi", "speculate": "no"})
     assert e.value.field == "speculate"
-    assert not parse_request({"prompt": "hi", "speculate": False}, DEFAULTS, max_seq_len=64).params.speculate
+    assert not parse({"prompt": "hi", "speculate": False}).params.speculate
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_checkpoint):
+    return load_tokenizer(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def test_opted_out_request_decodes_plainly(target, tokenizer):
 
 class CharTokenizer:
     """Token i is the letter chr(65 + i); nothing stops generation."""
-    bos_id, eos_id, stop_ids = None, None, frozenset()
+    bos_id, eos_id, stop_ids, vocab_size = None, None, frozenset(), 16
 
     def decode(self, ids):
         return "".join(chr(65 + i) for i in ids)

@@ -1,11 +1,15 @@
-"""JSON values checked against the types a field takes, for the handler config and the request protocols alike."""
+"""JSON values checked against the types a field takes, for the handler config and the request protocols alike,
+and a request's prompt (text, or chat messages) made token ids."""
 import json
 import math
 from typing import Any, Union
 
 from ..engine.sampling import InvalidParam
+from ..text.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 16  # each is checked against every text delta, so a long list slows the whole batch
+CHAT_ROLES = ("system", "user", "assistant")
+MESSAGE_FIELDS = ("role", "content", "name")
 
 
 class RequestError(InvalidParam):
@@ -22,7 +26,7 @@ def is_type(value: Any, kind: Union[type, tuple]) -> bool:
 
 
 def type_name(kind: Union[type, tuple]) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list of strings",
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
              tuple: "a list of strings", type(None): "null"}
     return " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
 
@@ -73,8 +77,69 @@ def text_field(body: dict, name: str) -> str:
     text = body.get(name)
     if not text:
         raise RequestError(name, f"a non-empty {name} string is required")
+    return unicode_text(text, name)
+
+
+def unicode_text(text: str, name: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text cannot hold them
         raise RequestError(name, "contains an unpaired surrogate (not valid Unicode)") from None
     return text
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str, name: str = "prompt") -> list[int]:
+    """A plain-text prompt's token ids (bos as the tokenizer adds it; special tokens' strings stay text)."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:  # text the tokenizer refuses
+        raise RequestError(name, f"cannot be tokenized: {e}") from None
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, value: Any, name: str = "messages") -> list[int]:
+    """A `messages` JSON value checked, rendered by the model's chat template and tokenized, ready for the
+    assistant's reply; RequestError naming the field at fault (`messages[1].content`), or `name` itself when the
+    model has no template or its template refuses the conversation."""
+    messages = chat_messages(value, name)
+    try:
+        return tokenizer.encode_chat(messages)
+    except ValueError as e:  # no template, the template's raise_exception, or a failing template
+        raise RequestError(name, str(e)) from None
+
+
+def chat_messages(value: Any, name: str) -> list[dict]:
+    """A non-empty list of {"role": system|user|assistant, "content": text, "name"?: string} objects; content is a
+    string or a list of {"type": "text", "text": ...} parts (OpenAI's), joined by newlines."""
+    if not isinstance(value, list) or not value:
+        raise RequestError(name, 'must be a non-empty list of {"role", "content"} objects')
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(where, f'must be a {{"role", "content"}} object, got {json.dumps(message)[:80]}')
+        for key in message:
+            if key not in MESSAGE_FIELDS:
+                raise RequestError(f"{where}.{key}", f"unknown field (known: {', '.join(MESSAGE_FIELDS)})")
+        if message.get("role") not in CHAT_ROLES:
+            raise RequestError(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got "
+                                                f"{json.dumps(message.get('role'))[:80]}")
+        checked = {"role": message["role"], "content": _message_content(message.get("content"), f"{where}.content")}
+        if "name" in message:
+            if not isinstance(message["name"], str) or not message["name"]:
+                raise RequestError(f"{where}.name", "must be a non-empty string")
+            checked["name"] = unicode_text(message["name"], f"{where}.name")
+        messages.append(checked)
+    return messages
+
+
+def _message_content(content: Any, name: str) -> str:
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                    and set(part) == {"type", "text"}):
+                raise RequestError(f"{name}[{j}]", 'must be a {"type": "text", "text": string} part (this model '
+                                                   "reads text only)")
+        content = "\n".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise RequestError(name, f"must be a string or a list of text parts, got {json.dumps(content)[:80]}")
+    return unicode_text(content, name)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..engine.engine import Engine, PromptTooLongError
+from ..engine.engine import Engine, InvalidPromptError
 from ..engine.prefix_cache import PrefixCacheStats
 from ..engine.request import StepOutput
 from ..engine.sampling import SamplingParams
@@ -164,15 +164,11 @@ class ServingLoop:
 
     def _admit(self, rid: str, body: Any, now: float) -> NativeResponse:
         """Validate and queue a new request; returns what renders its answer."""
-        request = parse_request(body, self.defaults, self.engine.max_seq_len)
+        request = parse_request(body, self.defaults, self.engine.max_seq_len, self.tokenizer)
         try:
-            prompt_ids = self.tokenizer.encode(request.prompt, bos=True)
-        except ValueError as e:  # text the tokenizer refuses
-            raise RequestError("prompt", f"cannot be tokenized: {e}") from None
-        try:
-            self.engine.add(rid, prompt_ids, request.params)
-        except PromptTooLongError as e:
-            raise RequestError("prompt", str(e)) from None
+            self.engine.add(rid, request.prompt_ids, request.params)
+        except InvalidPromptError as e:
+            raise RequestError(request.prompt_field, str(e)) from None
         response = NativeResponse(request.stream, speculating=self.engine.speculator is not None)
         self.tracked[rid] = _Tracked(response, arrived=now)
         return response

@@ -8,28 +8,34 @@ from typing import Any
 
 from ..engine.request import StepOutput
 from ..engine.sampling import InvalidParam, SamplingParams
-from .fields import RequestError, check_fields, json_object, stop_strings, text_field
+from ..text.tokenizer import Tokenizer
+from .fields import RequestError, chat_prompt_ids, check_fields, json_object, prompt_ids, stop_strings, text_field
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
 
 # Request fields and the JSON types they take (floats take integers too).
-REQUEST_FIELDS = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-                  "seed": (int, type(None)), "stop": (str, list), "stream": bool, "speculate": bool}
+REQUEST_FIELDS = {"prompt": str, "messages": list, "max_new_tokens": int, "temperature": float, "top_k": int,
+                  "top_p": float, "seed": (int, type(None)), "stop": (str, list), "stream": bool, "speculate": bool}
 
 
 @dataclass
 class GenerationRequest:
-    prompt: str
+    prompt_ids: list[int]
+    prompt_field: str  # "prompt" or "messages": what an error about the prompt names
     params: SamplingParams
     stream: bool
 
 
-def parse_request(body: Any, defaults: SamplingParams, max_seq_len: int) -> GenerationRequest:
-    """Validate one request body: raw bytes, text, or what TorchServe already decoded from JSON."""
+def parse_request(body: Any, defaults: SamplingParams, max_seq_len: int, tokenizer: Tokenizer) -> GenerationRequest:
+    """Validate one request body (raw bytes, text, or what TorchServe already decoded from JSON) and tokenize its
+    prompt: `prompt` is plain text; `messages` a chat, rendered by the model's template."""
     body = json_object(body)
     check_fields(body, REQUEST_FIELDS)
-    prompt = text_field(body, "prompt")
+    if "prompt" in body and "messages" in body:
+        raise RequestError("messages", "send either prompt (text to continue) or messages (a chat), not both")
+    prompt_field = "messages" if "messages" in body else "prompt"
+    prompt = text_field(body, "prompt") if prompt_field == "prompt" else None
     max_new_tokens = body.get("max_new_tokens", defaults.max_new_tokens)
     if "max_new_tokens" in body and max_new_tokens > max_seq_len:
         raise RequestError("max_new_tokens", f"must be <= {max_seq_len} (the context length)")
@@ -42,7 +48,8 @@ def parse_request(body: Any, defaults: SamplingParams, max_seq_len: int) -> Gene
                                 seed=body.get("seed"), stop=stop, speculate=body.get("speculate", True))
     except InvalidParam as e:
         raise RequestError(e.field, e.message) from None
-    return GenerationRequest(prompt, params, body.get("stream", True))
+    ids = prompt_ids(tokenizer, prompt) if prompt is not None else chat_prompt_ids(tokenizer, body["messages"])
+    return GenerationRequest(ids, prompt_field, params, body.get("stream", True))
 
 
 def error_body(e: RequestError) -> bytes:
