@@ -112,12 +112,14 @@ def test_loop_streams_answers_and_rejects_alone(parts):
                          "one": {"prompt": "The capital", "max_new_tokens": 1},
                          "bad": {"prompt": "The capital", "top_p": 2}})
     expected = engine.generate([engine.tokenizer.encode("The capital")], SamplingParams(max_new_tokens=5))[0]
-    # The first reply (HTTP headers) is empty: the step it starts is collected by the next call.
-    assert [(r.first, r.body == b"") for r in replies["s"]] == [(True, True)] + [(False, False)] * 5
+    # The first reply (HTTP headers) is empty: the step it starts is collected by the next call. Then one reply per
+    # step, or fewer when the engine thread ran several steps before the next call (a loaded machine).
+    first, *rest = [(r.first, r.body == b"") for r in replies["s"]]
+    assert first == (True, True) and rest == [(False, False)] * len(rest) and 1 <= len(rest) <= 5
     assert b"".join(r.body for r in replies["s"]).decode() == expected.text
     assert replies["s"][0].content_type == TEXT and all(r.status == 200 for r in replies["s"])
     # stream: false sends nothing visible until the whole answer.
-    assert [r.body for r in replies["n"][:-1]] == [b""] * 5 and replies["n"][0].content_type == JSON
+    assert all(r.body == b"" for r in replies["n"][:-1]) and replies["n"][0].content_type == JSON
     assert json.loads(replies["n"][-1].body) == {"text": expected.text, "finish_reason": "length",
                                                  "usage": {"prompt_tokens": 3, "completion_tokens": 5,
                                                            "cached_tokens": 0}}
