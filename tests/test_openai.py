@@ -27,7 +27,7 @@ def server(tiny_checkpoint, tmp_path_factory, request):
 @pytest.fixture(scope="module")
 def client(server):
     key = server.headers["Authorization"].removeprefix("Bearer ")
-    return openai.OpenAI(base_url=f"{server.url}/1.0/v1", api_key=key, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.openai_url, api_key=key, max_retries=0, timeout=120)
 
 
 def native(server, body: dict) -> dict:
@@ -177,7 +177,7 @@ def test_models_list_through_get(client):
 def test_sse_framing_on_the_wire(server):
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    with requests.post(f"{server.url}/1.0/v1/completions", json=body, headers=server.headers, stream=True,
+    with requests.post(f"{server.openai_url}/completions", json=body, headers=server.headers, stream=True,
                        timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
         raw = b"".join(r.iter_content(chunk_size=None)).decode()
@@ -188,7 +188,7 @@ def test_sse_framing_on_the_wire(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert {c["object"] for c in chunks} == {"text_completion"}
-    not_streamed = requests.post(f"{server.url}/1.0/v1/completions", json={**body, "stream": False,
+    not_streamed = requests.post(f"{server.openai_url}/completions", json={**body, "stream": False,
                                  "stream_options": None}, headers=server.headers, timeout=120)
     assert not_streamed.headers["content-type"] == "application/json"
     assert not_streamed.json()["choices"][0]["text"] == "".join(c["choices"][0]["text"] for c in chunks[:-1])
