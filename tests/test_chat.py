@@ -199,3 +199,18 @@ def test_cli_chat(chat_checkpoint, chat_tokenizer, tiny_checkpoint, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--checkpoint", str(tiny_checkpoint), "--prompt", "hi", "--system", "x"])
     assert "--system needs --chat" in capsys.readouterr().err
+
+
+def test_openai_chat_completions_use_the_same_messages_rule(chat_checkpoint, chat_tokenizer):
+    model = load_model(chat_checkpoint, device="cpu", dtype=torch.float32)
+    engine = Engine(model, chat_tokenizer, max_batch_size=2, max_seq_len=128)
+    loop = ServingLoop(lambda: engine, SamplingParams(max_new_tokens=12))
+    messages = [{"role": "user", "content": "Capital of France?"}]
+    replies = run(loop, {"ok": {"messages": messages}, "bad": {"messages": [{"role": "robot", "content": "x"}]}},
+                  "v1/chat/completions")
+    expected = engine.generate([chat_tokenizer.encode_chat(messages)], SamplingParams(max_new_tokens=12))[0]
+    answer = json.loads(replies["ok"][-1].body)
+    assert answer["choices"][0]["message"]["content"] == expected.text
+    assert answer["usage"]["prompt_tokens"] == expected.prompt_tokens
+    error = json.loads(replies["bad"][-1].body)["error"]
+    assert replies["bad"][-1].status == 400 and error["param"] == "messages[0].role"

@@ -129,3 +129,13 @@ def test_which_tokenizer_a_directory_has(tmp_path, tiny_checkpoint):
     (directory / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer.json"):
         load_tokenizer(directory)
+
+
+def test_token_bytes_spell_the_text(pair):
+    ours, _, _ = pair
+    for text in TEXTS[:-1]:
+        spelled = b"".join(ours.token_bytes(i) for i in ours.encode(text, bos=False))
+        # sentencepiece-style tokenizers prefix the text with a space ("▁"), byte-level ones spell it exactly.
+        byte_level = "byte_level" in str(ours.path)
+        assert spelled == text.encode() if byte_level else spelled in (text.encode(), b" " + text.encode()), text
+    assert ours.token_bytes(ours.eos_id) == ours.backend.id_to_token(ours.eos_id).encode()

@@ -24,6 +24,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, leading space included (per-token output such as logprobs)."""
+        return self.decode([token_id]).encode()
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """The ids of `messages` ([{"role", "content"}, ...]) rendered by the model's chat template, ready for the
         assistant's reply; ValueError without a template, ChatTemplateError when the template refuses them."""

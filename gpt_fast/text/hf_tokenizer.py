@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import tokenizers
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders
 
 from .base import Tokenizer
 from .chat import ChatTemplate, template_source
@@ -31,6 +31,17 @@ from .chat import ChatTemplate, template_source
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Private-use characters wrapped around special tokens' strings typed in messages (transformers' markers).
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte in a token's string."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+BYTE_LEVEL_CHARS = _byte_level_chars()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-F]{2})>")
 
 
 def _read_json(path: Path) -> dict:
@@ -78,6 +89,7 @@ class HuggingFaceTokenizer(Tokenizer):
         stop = [self.eos_id] + _eos_ids(_read_json(directory / "generation_config.json"))
         self.stop_ids = frozenset(i for i in stop if i is not None)
         self.vocab_size = max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
+        self._added_ids = frozenset(self.backend.get_added_tokens_decoder())
         # encode_special_tokens is the backend's switch between a prompt's rule and a chat's.
         self._lock = threading.Lock()
 
@@ -107,6 +119,15 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        token = self.backend.id_to_token(token_id) or ""
+        if token_id in self._added_ids:  # added tokens are their own text
+            return token.encode()
+        if isinstance(self.backend.decoder, decoders.ByteLevel):
+            return bytes(BYTE_LEVEL_CHARS[c] for c in token)
+        byte = BYTE_FALLBACK.fullmatch(token)
+        return bytes([int(byte.group(1), 16)]) if byte else token.replace("\u2581", " ").encode()
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """The ids of `messages` rendered by the chat template with the assistant's header last (no bos beyond

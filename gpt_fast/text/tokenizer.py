@@ -36,6 +36,12 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(list(ids))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.processor.id_to_piece(token_id)
+        if self.processor.is_byte(token_id):  # <0xAB>
+            return bytes([int(piece[3:5], 16)])
+        return piece.encode() if self.processor.is_control(token_id) else piece.replace("\u2581", " ").encode()
+
 
 # Meta's Llama 3 split pattern and special tokens (llama-models' numbering, as in the 3.1 release).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -86,6 +92,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.model.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.model.decode_single_token_bytes(token_id)
 
 
 KINDS = ("sentencepiece", "tiktoken", "huggingface")
