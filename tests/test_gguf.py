@@ -305,6 +305,13 @@ def test_llama31_rope_freqs_become_rope_scaling() -> None:
 
 
 def test_unsupported_files_are_refused_by_name(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    path = tmp_path / "text.gguf"
+    path.write_text("not a GGUF file\n")
+    with pytest.raises(ValueError, match="text.gguf: not a readable GGUF file"):
+        convert_gguf(path, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"llama.expert_count=8, e.g. Mixtral\) is not supported"):
+        llama.gguf_config({"llama.expert_count": 8}, {}, lambda name: None)
+
     path = tmp_path / "arch.gguf"
     write_tiny_gguf(tiny_checkpoint, path, architecture="mamba")
     with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'mamba' \(supported: llama\)"):

@@ -72,6 +72,10 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_po
 
 def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], read: Callable[[str], Tensor]) -> dict:
     """The Hugging Face config.json of a "llama" GGUF file (read(name): one of its tensors, dequantized)."""
+    experts = gguf_layout.scalar(metadata, "llama.expert_count", 0)
+    if experts:
+        raise ValueError(f"GGUF mixture of experts (llama.expert_count={experts}, e.g. Mixtral) is not supported: "
+                         "convert the Hugging Face checkpoint")
     config = gguf_layout.llama_config(metadata, shapes, GGUF_ARCHITECTURE, "LlamaForCausalLM")
     if "rope_freqs.weight" in shapes:
         config["rope_scaling"] = _llama3_rope_scaling(config, read("rope_freqs.weight").float())

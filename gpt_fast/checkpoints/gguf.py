@@ -79,7 +79,10 @@ def convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16)
     path, out_dir = Path(path), Path(out_dir)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError) as e:  # the gguf package's errors for a bad magic or a cut-off file
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
     metadata = read_metadata(reader)
     arch = for_gguf(field(metadata, "general.architecture"))
     check_types(reader)
