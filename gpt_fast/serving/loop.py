@@ -5,6 +5,7 @@ one reply per request. `ServingLoop.step` is that call without TorchServe: (requ
 `Reply` out, so handler.py stays a thin adapter and all of this is testable in-process. What a request says and
 how its answer is written is the protocol's (protocol.py); the loop admits, steps, cancels and counts.
 """
+import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,10 +22,17 @@ from ..model import tp
 from . import metrics
 from .fields import RequestError
 from .metrics import Emit
-from .protocol import JSON, TEXT, NativeResponse, error_body, parse_request
+from .protocol import JSON, TEXT, NativeResponse, error_body, failure_body, parse_request
+
+logger = logging.getLogger(__name__)
 
 # Steps the decode thread runs ahead of a frontend that has not come back for the results.
 MAX_STEPS_PER_CALL = 64
+# A prompt with more characters than this per token of context is refused before it is tokenized: real text has
+# ~4, and tokenizing a 6 MB prompt would hold the engine thread, and so every stream, for seconds.
+MAX_PROMPT_CHARS_PER_TOKEN = 32
+# What a request hears when our code, not its input, failed it (the traceback goes to the log).
+INTERNAL_ERROR = "internal error while serving this request (the server log has the details)"
 
 
 @dataclass
@@ -83,7 +91,11 @@ class ServingLoop:
         return self._engine_thread.submit(self._advance, batch).result()
 
     def _advance(self, batch: list[tuple[str, Any]]) -> list[Reply]:
-        """On the engine thread, after the steps the previous call started."""
+        """On the engine thread, after the steps the previous call started.
+
+        What fails one request (its body, its text, a bug it runs into) is caught where that request is handled
+        and ends it alone; only what fails the engine step itself ends up here.
+        """
         try:
             return self._answer(batch)
         except BaseException:
@@ -105,12 +117,7 @@ class ServingLoop:
         now = time.perf_counter()
         for rid, body in served:
             if rid not in self.tracked and rid not in replies:
-                try:
-                    response = self._admit(rid, body, now)
-                    replies[rid] = Reply(b"", finished=False, first=True, content_type=response.content_type)
-                except RequestError as e:
-                    replies[rid] = Reply(error_body(e), finished=True, first=True, status=400, content_type=JSON)
-                    self.emit(metrics.REQUESTS_FINISHED, 1, reason="error")
+                replies[rid] = self._admit(rid, body, now)
         if self.engine.num_active != self._active_slots:
             self._active_slots = self.engine.num_active
             self.emit(metrics.ACTIVE_SLOTS, self._active_slots)
@@ -162,23 +169,48 @@ class ServingLoop:
             return [], time.perf_counter()
         return running.result()
 
-    def _admit(self, rid: str, body: Any, now: float) -> NativeResponse:
-        """Validate and queue a new request; returns what renders its answer."""
+    def _admit(self, rid: str, body: Any, now: float) -> Reply:
+        """Validate and queue a new request: its first reply, or its whole answer if it is refused."""
+        try:
+            response = self._queue(rid, body, now)
+            return Reply(b"", finished=False, first=True, content_type=response.content_type)
+        except RequestError as e:
+            status, answer = 400, error_body(e)
+        except Exception:  # a bug this request ran into: its own 500, not the batch's
+            logger.exception("request %s failed on admission", rid)
+            self.engine.cancel(rid)
+            status, answer = 500, failure_body(INTERNAL_ERROR)
+        self.emit(metrics.REQUESTS_FINISHED, 1, reason="error")
+        return Reply(answer, finished=True, first=True, status=status, content_type=JSON)
+
+    def _queue(self, rid: str, body: Any, now: float) -> NativeResponse:
         request = parse_request(body, self.defaults, self.engine.max_seq_len)
+        max_chars = MAX_PROMPT_CHARS_PER_TOKEN * self.engine.max_seq_len
+        if len(request.prompt) > max_chars:
+            raise RequestError("prompt", f"has {len(request.prompt)} characters; at most {max_chars} "
+                                         f"({MAX_PROMPT_CHARS_PER_TOKEN} per token of the "
+                                         f"{self.engine.max_seq_len}-token context) are tokenized")
         try:
             prompt_ids = self.tokenizer.encode(request.prompt, bos=True)
         except ValueError as e:  # text the tokenizer refuses
             raise RequestError("prompt", f"cannot be tokenized: {e}") from None
+        response = NativeResponse(request.stream, speculating=self.engine.speculator is not None)
         try:
             self.engine.add(rid, prompt_ids, request.params)
         except PromptTooLongError as e:
             raise RequestError("prompt", str(e)) from None
-        response = NativeResponse(request.stream, speculating=self.engine.speculator is not None)
         self.tracked[rid] = _Tracked(response, arrived=now)
         return response
 
     def _reply(self, out: StepOutput, done: float) -> Reply:
         tracked = self.tracked[out.request_id]
+        if out.finish_reason == "error":  # the engine ended it (and logged why)
+            return self._fail(out.request_id)
+        try:
+            body = tracked.response.render(out)
+        except Exception:
+            logger.exception("request %s failed", out.request_id)
+            return self._fail(out.request_id)
         if out.token_ids and tracked.first_token_at is None:
             tracked.first_token_at = done
             self.emit(metrics.TIME_TO_FIRST_TOKEN, done - tracked.arrived)
@@ -188,11 +220,17 @@ class ServingLoop:
             self._finish(out.request_id, out.finish_reason)
             if out.completion_tokens > 1:
                 self.emit(metrics.INTER_TOKEN_LATENCY, (done - tracked.first_token_at) / (out.completion_tokens - 1))
-        return Reply(tracked.response.render(out), finished=out.finished, first=False)
+        return Reply(body, finished=out.finished, first=False)
 
-    def _cancel(self, rid: str) -> None:
+    def _fail(self, rid: str) -> Reply:
+        """End a request whose answer has begun with an error as its last chunk; the others go on."""
+        response = self.tracked[rid].response
+        self._cancel(rid, "error")
+        return Reply(response.fail(INTERNAL_ERROR), finished=True, first=False)
+
+    def _cancel(self, rid: str, reason: str = "cancelled") -> None:
         self.engine.cancel(rid)
-        self._finish(rid, "cancelled")
+        self._finish(rid, reason)
 
     def _finish(self, rid: str, reason: str) -> None:
         # Counted per request, not per step: TorchServe logs and parses every metric line the worker prints,

@@ -1,6 +1,7 @@
 """The native /predictions protocol: a JSON object in; the streamed UTF-8 text, or one JSON object, out.
 
-Request fields are in the README's table. A bad request gets HTTP 400 with {"error": message, "field": name}.
+Request fields are in the README's table. A bad request gets HTTP 400 with {"error": message, "field": name}; a
+request our code fails gets 500 {"error": message}, or, once its answer has begun, that object as its last chunk.
 """
 import json
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ def error_body(e: RequestError) -> bytes:
     return json.dumps({"error": e.message, "field": e.field}).encode()
 
 
+def failure_body(message: str) -> bytes:
+    """A failure that is not the request's fault: {"error": message}."""
+    return json.dumps({"error": message}).encode()
+
+
 class NativeResponse:
     """One request's answer: each step's text delta as it comes (stream), or one JSON object at the end."""
 
@@ -70,3 +76,8 @@ class NativeResponse:
             usage.update(draft_tokens=out.draft_tokens, accepted_tokens=out.accepted_tokens)
         answer = {"text": "".join(self._text), "finish_reason": out.finish_reason, "usage": usage}
         return json.dumps(answer).encode()
+
+    def fail(self, message: str) -> bytes:
+        """The last chunk of an answer that failed after its 200 headers went out: {"error": message}, on a line
+        of its own after streamed text."""
+        return b"\n" + failure_body(message) + b"\n" if self.stream else failure_body(message)
