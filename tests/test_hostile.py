@@ -40,6 +40,7 @@ def refusal(reply) -> str:
     (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "body"),  # past Python's int digit limit
     (b'{"prompt": "x", "top_p": Infinity}', "top_p"),
     ({"prompt": "x", "max_new_tokens": list(range(1_000_000))}, "max_new_tokens"),
+    ({"prompt": "x", "y" * 6_000_000: 1}, "y" * 97 + "..."),  # echoed whole, it overflowed the worker's reply
 ])
 def test_hostile_bodies_are_refused_naming_the_field(body, field):
     with pytest.raises(RequestError) as e:

@@ -16,7 +16,14 @@ SEND_JSON = ('send a JSON object with the header "Content-Type: application/json
 
 
 class RequestError(InvalidParam):
-    """A bad request: HTTP 400 naming `field`, for that request alone (each protocol renders it its own way)."""
+    """A bad request: HTTP 400 naming `field`, for that request alone (each protocol renders it its own way).
+
+    Both are cut short: they may quote the request (a 6 MB field name), and a worker's reply over TorchServe's
+    max_response_size (6.5 MB) makes the frontend drop the worker, and with it every request in flight.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(_shorten(field, 100), _shorten(message, 500))
 
 
 def is_type(value: Any, kind: Union[type, tuple]) -> bool:
@@ -95,6 +102,10 @@ def text_field(body: dict, name: str) -> str:
     except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text cannot hold them
         raise RequestError(name, "contains an unpaired surrogate (not valid Unicode)") from None
     return text
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _preview(value: Any) -> str:
