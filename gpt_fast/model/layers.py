@@ -32,6 +32,9 @@ class KVCache(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """Normalizes in fp32 and returns the model dtype (its weight's), whatever the dtype of x: the residual stream
+    it reads is fp32 (Transformer.forward)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -40,7 +43,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        return self.weight * xf.to(self.weight.dtype)
 
 
 def rope_inv_freq(args: ModelArgs) -> Tensor:
