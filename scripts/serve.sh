@@ -8,7 +8,8 @@
 # GFS_METRICS_PORT (8080-8082), GFS_GRPC_INFERENCE_PORT, GFS_GRPC_MANAGEMENT_PORT (7070, 7071),
 # GFS_MODEL_STORE (model_store/), GFS_RUN_DIR (repo root: key_file.json, logs/ and build/serve/ go there),
 # GFS_START_TIMEOUT (seconds, 1800), GFS_KEY_MINUTES (minutes the inference and management keys stay valid,
-# 1440; rotate them before that, or give a longer time).
+# 1440; rotate them before that, or give a longer time), GFS_LOG_CONFIG (scripts/log4j2.xml; empty: TorchServe's
+# own, which logs ~80x more).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +22,7 @@ GRPC_INFERENCE_PORT=${GFS_GRPC_INFERENCE_PORT:-7070}
 GRPC_MANAGEMENT_PORT=${GFS_GRPC_MANAGEMENT_PORT:-7071}
 START_TIMEOUT=${GFS_START_TIMEOUT:-1800}
 KEY_MINUTES=${GFS_KEY_MINUTES:-1440}
+LOG_CONFIG=${GFS_LOG_CONFIG-$ROOT/scripts/log4j2.xml}
 
 # TorchServe keeps its pid file, the worker sockets and unpacked archives in the temp dir: a private one
 # lets this server run beside others on the machine.
@@ -85,7 +87,7 @@ start() {
   rm -f key_file.json
   mkdir -p logs
   torchserve --start --ts-config build/serve/config.properties --model-store "$STORE" --models all \
-    --log-config "$ROOT/scripts/log4j2.xml" > logs/torchserve_stdout.log 2>&1 \
+    ${LOG_CONFIG:+--log-config "$LOG_CONFIG"} > logs/torchserve_stdout.log 2>&1 \
     || fail "torchserve --start failed: $(cat logs/torchserve_stdout.log)"
 
   local mgmt=http://127.0.0.1:$MANAGEMENT_PORT deadline=$((SECONDS + START_TIMEOUT)) models

@@ -218,6 +218,11 @@ def context_length(server: Server) -> int:
     return int(match.group(1)) if match else 2048
 
 
+def log_bytes(run_dir: Path) -> int:
+    """What the server's logs hold (rolled-over files included)."""
+    return sum(p.stat().st_size for p in (run_dir / "logs").rglob("*") if p.is_file())
+
+
 def rss_mb(pid: Optional[int]) -> Optional[float]:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -301,27 +306,44 @@ def percentile(values: list[float], q: float) -> float:
         (values[0] if values else float("nan"))
 
 
+@dataclass
+class Measured:
+    """What the phases measured, for the report."""
+    phases: dict[str, float] = field(default_factory=dict)  # seconds each took
+    corpus_size: int = 0
+    rss_before: tuple = (None, None)  # MB: worker, frontend
+    rss_after: tuple = (None, None)
+    log_bytes_per_request: float = 0.0
+    restarts_before_kill: int = 0
+    kill_at: float = 0.0
+    ready_at: float = 0.0  # a new worker was ready
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--port", type=int, default=8080, help="inference port")
     ap.add_argument("--management-port", type=int, default=8081)
     ap.add_argument("--model", default="gpt-fast")
-    ap.add_argument("--run-dir", type=Path, default=ROOT, help="where key_file.json and build/serve/ are")
+    ap.add_argument("--run-dir", type=Path, default=ROOT, help="where key_file.json, logs/ and build/serve/ are")
     ap.add_argument("--clients", type=int, default=12)
-    ap.add_argument("--json", type=Path, help="write the summary and every failure here")
+    ap.add_argument("--json", type=Path, help="write the report and every failure here")
     args = ap.parse_args()
 
     server = Server(f"http://127.0.0.1:{args.port}/predictions/{args.model}",
                     f"http://127.0.0.1:{args.management_port}/models/{args.model}", args.run_dir)
-    soak = Soak(server, args.clients)
-    watcher = threading.Thread(target=soak.watch, daemon=True)
+    soak, measured = Soak(server, args.clients), Measured()
     soak.note_pids(server.ready_pids())
     if not soak.pids_seen:
         print(f"error: no READY worker for {args.model} on port {args.management_port}", file=sys.stderr)
         return 1
+    watcher = threading.Thread(target=soak.watch, daemon=True)
     watcher.start()
-    started = time.time()
+    clock = time.time()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        measured.phases[name], clock = time.time() - clock, time.time()
 
     for i in range(len(VALID)):  # 1. the reference answers, each request alone
         result = soak.valid(i)
@@ -329,22 +351,25 @@ def main() -> int:
             print(f"error: {VALID[i]} alone got {result.status} {result.problem or ''}", file=sys.stderr)
             return 1
         soak.reference[i] = result.text
-    context = context_length(server)
-    corpus = hostile_corpus(context, soak.rng)
+    corpus = hostile_corpus(context_length(server), soak.rng)
+    measured.corpus_size = len(corpus)
+    phase("reference")
     soak.hostile(corpus, rounds=1)  # 2. warm-up
     soak.traffic(3)
     worker, frontend = soak.pids_seen[0], server.frontend_pid()
-    rss_before = rss_mb(worker), rss_mb(frontend)
+    measured.rss_before = rss_mb(worker), rss_mb(frontend)
+    phase("warm-up")
 
+    logs, sent = log_bytes(args.run_dir), len(soak.results)
     soak.traffic(args.minutes * 60, corpus)  # 3. soak
-    rss_after = rss_mb(worker), rss_mb(frontend)
-    restarts_before_kill = len(soak.pids_seen) - 1
-
-    window = []
+    measured.rss_after = rss_mb(worker), rss_mb(frontend)
+    measured.log_bytes_per_request = (log_bytes(args.run_dir) - logs) / max(1, len(soak.results) - sent)
+    measured.restarts_before_kill = len(soak.pids_seen) - 1
+    phase("soak")
 
     def kill() -> float:  # 4. kill -9 the worker; returns when a new one is ready
         victim = (server.ready_pids() or [worker])[0]
-        window.append(time.time())
+        measured.kill_at = time.time()
         os.kill(victim, signal.SIGKILL)
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -353,22 +378,23 @@ def main() -> int:
                 soak.note_pids(pids)
                 break
             time.sleep(0.2)
-        window.append(time.time())
-        return window[-1]
+        measured.ready_at = time.time()
+        return measured.ready_at
 
     soak.traffic(max(5.0, args.minutes * 6), during=kill)
+    phase("kill and after")
     soak.done.set()
     watcher.join(timeout=15)
-    return report(soak, args, started, window, rss_before, rss_after, restarts_before_kill, len(corpus))
+    return report(soak, measured, args)
 
 
-def report(soak: Soak, args, started: float, window: list[float], rss_before, rss_after,
-           restarts_before_kill: int, corpus_size: int) -> int:
-    kill_at, ready_at = window
-    in_window = lambda r: r.start <= ready_at and r.end >= kill_at  # noqa: E731
+def report(soak: Soak, m: Measured, args: argparse.Namespace) -> int:
+    """Print the table and the findings; 1 if any of them fails the soak."""
+    in_window = lambda r: r.start <= m.ready_at and r.end >= m.kill_at  # noqa: E731
     statuses = sorted({r.status for r in soak.results}, key=lambda s: (not s.isdigit(), s))
-    lines = [f"soak: {args.minutes:g} min + kill against {soak.server.url}, {args.clients} clients, "
-             f"{time.time() - started:.0f} s in all; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in m.phases.items())
+    lines = [f"soak: {args.minutes:g} min + kill against {soak.server.url}, {args.clients} clients ({phases}); "
+             f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
              "", f"| requests | {' | '.join(statuses)} | total |", "|---" * (len(statuses) + 2) + "|"]
     for kind in ("valid", "disconnect", "hostile"):
         mine = [r for r in soak.results if r.kind == kind]
@@ -379,28 +405,28 @@ def report(soak: Soak, args, started: float, window: list[float], rss_before, rs
     differed = [r for r in valid if r.problem and r.problem.startswith("differs")]
     hostile_bad = [r for r in soak.results if r.kind == "hostile" and r.problem]
     server_errors = [r for r in soak.results if r.status.startswith("5")]
-    hostile_5xx = [r for r in server_errors if r.kind == "hostile"]
     latencies = [r.end - r.start for r in valid if r.status == "200" and not in_window(r)]
     restarts = len(soak.pids_seen) - 1
     growth = [(after - before) / before if before and after else None
-              for before, after in zip(rss_before, rss_after)]
-    fmt_rss = lambda b, a, g: "n/a" if g is None else f"{b:.0f} -> {a:.0f} MB ({g:+.1%})"  # noqa: E731
+              for before, after in zip(m.rss_before, m.rss_after)]
+    rss = ["n/a" if g is None else f"{b:.0f} -> {a:.0f} MB ({g:+.1%})"
+           for b, a, g in zip(m.rss_before, m.rss_after, growth)]
     lines += ["",
-              f"- hostile corpus: {corpus_size} bodies; answered other than expected: {len(hostile_bad)}",
+              f"- hostile corpus: {m.corpus_size} bodies; answered other than expected: {len(hostile_bad)}",
               f"- valid answers that differed from the same request alone: {len(differed)}",
-              f"- 5xx: {len(server_errors)} (for hostile input: {len(hostile_5xx)})",
+              f"- 5xx: {len(server_errors)} (for hostile input: {sum(r.kind == 'hostile' for r in server_errors)})",
               f"- valid requests lost outside the kill window: {len(lost)} "
               f"(in the window: {sum(in_window(r) and r.status != '200' for r in valid)} of "
               f"{sum(in_window(r) for r in valid)})",
               f"- latency of complete valid requests: p50 {percentile(latencies, 50):.2f} s, "
               f"p99 {percentile(latencies, 99):.2f} s",
-              f"- worker restarts: {restarts} (before the kill: {restarts_before_kill}); "
-              f"a new worker ready {ready_at - kill_at:.1f} s after the kill",
-              f"- RSS worker: {fmt_rss(rss_before[0], rss_after[0], growth[0])}; "
-              f"frontend: {fmt_rss(rss_before[1], rss_after[1], growth[1])}"]
+              f"- worker restarts: {restarts} (before the kill: {m.restarts_before_kill}); "
+              f"a new worker ready {m.ready_at - m.kill_at:.1f} s after the kill",
+              f"- RSS worker: {rss[0]}; frontend: {rss[1]}",
+              f"- logs written during the soak: {m.log_bytes_per_request * 1000 / 1e6:.3f} MB per 1,000 requests"]
     failures = [(bool(hostile_bad), "hostile input answered other than with its 4xx"),
                 (bool(lost), "valid requests lost or wrong outside the kill window"),
-                (restarts != 1 or restarts_before_kill, "worker restarts other than the kill"),
+                (restarts != 1 or m.restarts_before_kill, "worker restarts other than the kill"),
                 (any(g is not None and g > 0.2 for g in growth), "RSS grew over 20%")]
     failed = [why for bad, why in failures if bad]
     lines.append(f"- result: {'FAIL: ' + '; '.join(failed) if failed else 'PASS'}")

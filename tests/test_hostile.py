@@ -12,7 +12,7 @@ from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.serving.fields import MAX_STOP_BYTES, MAX_STOP_CHARS, RequestError
 from gpt_fast.serving.loop import MAX_PROMPT_CHARS_PER_TOKEN
 from gpt_fast.serving.protocol import parse_request
-from test_serving import DEFAULTS, make_loop, parts, run  # noqa: F401 (parts is a fixture)
+from test_serving import DEFAULTS, make_loop, run
 
 PROMPT = "Once upon a time"
 VALID = [{"prompt": PROMPT, "max_new_tokens": 12}, {"prompt": "The capital", "max_new_tokens": 8, "stream": False},
@@ -64,8 +64,8 @@ def test_long_prompts_are_refused_before_tokenizing(parts, monkeypatch):
 
 def test_a_request_our_code_fails_ends_alone(parts, monkeypatch):
     """A bug hit on admission is that request's 500; one hit mid-stream ends that stream with an error chunk."""
-    loop, events = make_loop(parts)
     expected = run(make_loop(parts)[0], {"a": VALID[0]})["a"]
+    loop, events = make_loop(parts)  # after: the KV cache lives on the model, and each engine makes its own
     encode = loop.tokenizer.encode
     monkeypatch.setattr(loop.tokenizer, "encode", lambda text, **k: 1 / 0 if text == "boom" else encode(text, **k))
     append = Request.append
@@ -113,8 +113,8 @@ def mutations(rng: random.Random) -> bytes:
 
 
 def test_fuzzed_bodies_get_400s_and_never_disturb_the_batch(parts):
-    loop, _ = make_loop(parts)
     solo = b"".join(r.body for r in run(make_loop(parts)[0], {"v": VALID[0]})["v"])
+    loop, _ = make_loop(parts)
     rng = random.Random(17)
     valid, replies, served, refused, admitted = "v0", [], 0, 0, 0
     batch = [(valid, VALID[0])]
