@@ -6,19 +6,21 @@
 
 1. Reference: each valid request alone; its answer is what it must get under load too.
 2. Warm-up: the hostile corpus once (so even a short run sends all of it), then a few seconds of traffic; the
-   worker's and the frontend's RSS are measured.
+   memory is measured: the worker's RSS, and the frontend's live heap (after a full GC, with the JDK's jcmd) and
+   RSS.
 3. Soak (--minutes): --clients threads send valid requests (streamed and not, greedy and seeded sampling, stop
    strings; one streamed request in 8 hangs up after its first chunk) while one thread sends the hostile corpus
    round after round: random bytes, deep nesting, bodies near TorchServe's 6.5 MB request limit and over it,
    wrong types for every field, lone surrogates, NaN/Infinity, huge numbers, stop-list abuse, prompts past the
-   context. The RSS is measured again.
+   context. The memory is measured again.
 4. Kill: the worker gets SIGKILL while the clients go on; once a new worker is ready, traffic runs on for a
    tenth of the soak (at least 5 s).
 
 Prints a table and exits 1 on: a 5xx, a dropped connection or a 2xx for hostile input (or a 400 whose body does
 not name the field), a valid request that failed or differed from its reference outside the kill window (from
-the kill until the new worker is ready), a worker restart other than the one caused, or RSS growth over 20%.
-The worker's RSS is read from /proc: run it on the server's machine. The keys come from --run-dir's
+the kill until the new worker is ready), a worker restart other than the one caused, or memory growth over 20%:
+the worker's RSS, and the frontend's live heap (its RSS without jcmd: the JVM grows its heap lazily, so its RSS
+rises by its initial heap size with no leak). Memory is read from /proc and jcmd: run it on the server's machine. The keys come from --run-dir's
 key_file.json, the frontend's pid from its build/serve/.model_server.pid (where scripts/serve.sh puts them).
 """
 import argparse
@@ -28,6 +30,7 @@ import random
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -223,6 +226,20 @@ def log_bytes(run_dir: Path) -> int:
     return sum(p.stat().st_size for p in (run_dir / "logs").rglob("*") if p.is_file())
 
 
+def memory(worker: int, frontend: Optional[int]) -> tuple:
+    """MB: the worker's RSS, the frontend's live heap (None without jcmd) and RSS, both after a full GC."""
+    live = None
+    try:
+        subprocess.run(["jcmd", str(frontend), "GC.run"], capture_output=True, timeout=120, check=True)
+        heap = subprocess.run(["jcmd", str(frontend), "GC.heap_info"], capture_output=True, text=True, timeout=120,
+                              check=True).stdout
+        match = re.search(r"heap +total \d+K, used (\d+)K", heap)
+        live = int(match.group(1)) / 1024 if match else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return rss_mb(worker), live, rss_mb(frontend)
+
+
 def rss_mb(pid: Optional[int]) -> Optional[float]:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -311,8 +328,8 @@ class Measured:
     """What the phases measured, for the report."""
     phases: dict[str, float] = field(default_factory=dict)  # seconds each took
     corpus_size: int = 0
-    rss_before: tuple = (None, None)  # MB: worker, frontend
-    rss_after: tuple = (None, None)
+    memory_before: tuple = (None, None, None)  # MB: worker RSS, frontend live heap, frontend RSS
+    memory_after: tuple = (None, None, None)
     log_bytes_per_request: float = 0.0
     restarts_before_kill: int = 0
     kill_at: float = 0.0
@@ -357,12 +374,12 @@ def main() -> int:
     soak.hostile(corpus, rounds=1)  # 2. warm-up
     soak.traffic(3)
     worker, frontend = soak.pids_seen[0], server.frontend_pid()
-    measured.rss_before = rss_mb(worker), rss_mb(frontend)
+    measured.memory_before = memory(worker, frontend)
     phase("warm-up")
 
     logs, sent = log_bytes(args.run_dir), len(soak.results)
     soak.traffic(args.minutes * 60, corpus)  # 3. soak
-    measured.rss_after = rss_mb(worker), rss_mb(frontend)
+    measured.memory_after = memory(worker, frontend)
     measured.log_bytes_per_request = (log_bytes(args.run_dir) - logs) / max(1, len(soak.results) - sent)
     measured.restarts_before_kill = len(soak.pids_seen) - 1
     phase("soak")
@@ -408,9 +425,10 @@ def report(soak: Soak, m: Measured, args: argparse.Namespace) -> int:
     latencies = [r.end - r.start for r in valid if r.status == "200" and not in_window(r)]
     restarts = len(soak.pids_seen) - 1
     growth = [(after - before) / before if before and after else None
-              for before, after in zip(m.rss_before, m.rss_after)]
-    rss = ["n/a" if g is None else f"{b:.0f} -> {a:.0f} MB ({g:+.1%})"
-           for b, a, g in zip(m.rss_before, m.rss_after, growth)]
+              for before, after in zip(m.memory_before, m.memory_after)]
+    mem = ["n/a" if g is None else f"{b:.0f} -> {a:.0f} MB ({g:+.1%})"
+           for b, a, g in zip(m.memory_before, m.memory_after, growth)]
+    gated = [growth[0], growth[1] if growth[1] is not None else growth[2]]  # the frontend's RSS only without jcmd
     lines += ["",
               f"- hostile corpus: {m.corpus_size} bodies; answered other than expected: {len(hostile_bad)}",
               f"- valid answers that differed from the same request alone: {len(differed)}",
@@ -422,12 +440,12 @@ def report(soak: Soak, m: Measured, args: argparse.Namespace) -> int:
               f"p99 {percentile(latencies, 99):.2f} s",
               f"- worker restarts: {restarts} (before the kill: {m.restarts_before_kill}); "
               f"a new worker ready {m.ready_at - m.kill_at:.1f} s after the kill",
-              f"- RSS worker: {rss[0]}; frontend: {rss[1]}",
+              f"- memory: worker RSS {mem[0]}; frontend live heap {mem[1]}, RSS {mem[2]} (after a full GC)",
               f"- logs written during the soak: {m.log_bytes_per_request * 1000 / 1e6:.3f} MB per 1,000 requests"]
     failures = [(bool(hostile_bad), "hostile input answered other than with its 4xx"),
                 (bool(lost), "valid requests lost or wrong outside the kill window"),
                 (restarts != 1 or m.restarts_before_kill, "worker restarts other than the kill"),
-                (any(g is not None and g > 0.2 for g in growth), "RSS grew over 20%")]
+                (any(g is not None and g > 0.2 for g in gated), "memory grew over 20%")]
     failed = [why for bad, why in failures if bad]
     lines.append(f"- result: {'FAIL: ' + '; '.join(failed) if failed else 'PASS'}")
     for r in (hostile_bad + lost)[:20]:
