@@ -10,8 +10,8 @@ from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.request import Request, _partial_stop
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.serving.fields import MAX_STOP_BYTES, MAX_STOP_CHARS, RequestError
-from gpt_fast.serving.loop import MAX_PROMPT_CHARS_PER_TOKEN
-from gpt_fast.serving.protocol import parse_request
+from gpt_fast.serving.openai import CompletionResponse
+from gpt_fast.serving.protocol import MAX_PROMPT_CHARS_PER_TOKEN, parse_request
 from test_serving import DEFAULTS, make_loop, run
 
 PROMPT = "Once upon a time"
@@ -57,23 +57,26 @@ def test_stop_limits_admit_what_they_say():
 def test_long_prompts_are_refused_before_tokenizing(parts, monkeypatch):
     loop, _ = make_loop(parts)
     limit = MAX_PROMPT_CHARS_PER_TOKEN * loop.engine.max_seq_len
-    monkeypatch.setattr(loop.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized a prompt over the limit"))
-    (reply,) = loop.step([("long", {"prompt": "x" * (limit + 1)})])
-    assert refusal(reply) == "prompt" and str(limit) in json.loads(reply.body)["error"]
+    monkeypatch.setattr(loop.engine.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized an over-long prompt"))
+    (native, openai) = loop.step([("a", {"prompt": "x" * (limit + 1)}, ""),
+                                  ("b", {"prompt": "x" * (limit + 1)}, "v1/completions")])
+    assert refusal(native) == "prompt" and str(limit) in json.loads(native.body)["error"]
+    assert openai.status == 400 and json.loads(openai.body)["error"]["param"] == "prompt"
 
 
 def test_a_request_our_code_fails_ends_alone(parts, monkeypatch):
     """A bug hit on admission is that request's 500; one hit mid-stream ends that stream with an error chunk."""
     expected = run(make_loop(parts)[0], {"a": VALID[0]})["a"]
     loop, events = make_loop(parts)  # after: the KV cache lives on the model, and each engine makes its own
-    encode = loop.tokenizer.encode
-    monkeypatch.setattr(loop.tokenizer, "encode", lambda text, **k: 1 / 0 if text == "boom" else encode(text, **k))
+    encode = loop.engine.tokenizer.encode
+    monkeypatch.setattr(loop.engine.tokenizer, "encode",
+                        lambda text, **k: 1 / 0 if text == "boom" else encode(text, **k))
     append = Request.append
 
-    def append_fails_for_b_and_c(self, token_ids, max_seq_len):
+    def append_fails_for_b_and_c(self, *args):
         if self.request_id in ("b", "c") and len(self.generated) >= 3:
             raise RuntimeError("detokenizer bug")
-        return append(self, token_ids, max_seq_len)
+        return append(self, *args)
 
     monkeypatch.setattr(Request, "append", append_fails_for_b_and_c)
     replies = run(loop, {"a": VALID[0], "b": VALID[0], "c": {**VALID[0], "stream": False}, "boom": {"prompt": "boom"}})
@@ -87,6 +90,17 @@ def test_a_request_our_code_fails_ends_alone(parts, monkeypatch):
     assert not loop.tracked and loop.engine.num_active == 0
     reasons = sorted(labels["reason"] for name, labels in events if name == "gpt_fast_requests_finished_total")
     assert reasons == ["error", "error", "error", "length"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_openai_answers_end_with_an_error_object_when_our_code_fails(parts, stream):
+    last = CompletionResponse("r", "m", stream, False, False, parts[1]).fail("internal error")
+    if stream:  # an event the official client raises on, then the end of the stream
+        event, done = last.decode().split("\n\n")[:2]
+        assert event.startswith("data: ") and done == "data: [DONE]"
+        last = event[len("data: "):].encode()
+    assert json.loads(last)["error"] == {"message": "internal error", "type": "server_error", "param": None,
+                                         "code": "internal_error"}
 
 
 def mutations(rng: random.Random) -> bytes:
@@ -117,10 +131,10 @@ def test_fuzzed_bodies_get_400s_and_never_disturb_the_batch(parts):
     loop, _ = make_loop(parts)
     rng = random.Random(17)
     valid, replies, served, refused, admitted = "v0", [], 0, 0, 0
-    batch = [(valid, VALID[0])]
+    batch = [(valid, VALID[0], "")]
     for i in range(100):
-        fuzz = [(f"f{i}-{j}", mutations(rng)) for j in range(6)]
-        for (rid, body), reply in zip(batch + fuzz, loop.step(batch + fuzz)):
+        fuzz = [(f"f{i}-{j}", mutations(rng), "") for j in range(6)]
+        for (rid, body, _), reply in zip(batch + fuzz, loop.step(batch + fuzz)):
             if rid == valid:
                 replies.append(reply.body)
             elif body is None:
@@ -135,10 +149,10 @@ def test_fuzzed_bodies_get_400s_and_never_disturb_the_batch(parts):
             assert b"".join(replies) == solo
             served += 1
             valid, replies = f"v{i + 1}", []
-            batch = [(valid, VALID[0])]
+            batch = [(valid, VALID[0], "")]
         else:
-            batch = [(valid, None)]
-        batch += [(rid, None) for rid in loop.tracked if rid != valid]
+            batch = [(valid, None, "")]
+        batch += [(rid, None, "") for rid in loop.tracked if rid != valid]
     assert served > 5 and refused > 500 and admitted > 5
 
 
