@@ -108,7 +108,6 @@ def error_body(e: RequestError) -> bytes:
     return json.dumps({"error": e.message, "field": e.field}).encode()
 
 
-
 class NativeResponse:
     """One request's answer: each step's text delta as it comes (stream), or one JSON object at the end."""
 
