@@ -138,19 +138,20 @@ BAD_MESSAGES = [  # (messages, the field the 400 names)
 @pytest.mark.parametrize("messages, field", BAD_MESSAGES)
 def test_bad_messages_name_the_field(chat_tokenizer, messages, field):
     with pytest.raises(RequestError) as e:
-        chat_prompt_ids(chat_tokenizer, messages)
+        chat_prompt_ids(chat_tokenizer, messages, 64)
     assert e.value.field == field
 
 
 def test_messages_need_a_template_the_model_accepts(chat_tokenizer, tiny_checkpoint, tmp_path):
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert chat_prompt_ids(chat_tokenizer, parts) == chat_tokenizer.encode_chat([{"role": "user", "content": "a\nb"}])
+    expected = chat_tokenizer.encode_chat([{"role": "user", "content": "a\nb"}])
+    assert chat_prompt_ids(chat_tokenizer, parts, 64) == expected
     with pytest.raises(RequestError, match="no chat template") as e:
-        chat_prompt_ids(load_tokenizer(tiny_checkpoint), [{"role": "user", "content": "hi"}])
+        chat_prompt_ids(load_tokenizer(tiny_checkpoint), [{"role": "user", "content": "hi"}], 64)
     assert e.value.field == "messages"
     strict = load_tokenizer(metaspace(tmp_path))  # its template raises on a system message
     with pytest.raises(RequestError, match="^messages: Only user and assistant roles are supported!$") as e:
-        chat_prompt_ids(strict, [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+        chat_prompt_ids(strict, [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}], 64)
     assert e.value.field == "messages"
 
 

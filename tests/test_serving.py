@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from gpt_fast.checkpoints.load import load_model
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.serving import metrics
@@ -12,7 +11,6 @@ from gpt_fast.serving.config import HandlerConfig
 from gpt_fast.serving.fields import RequestError
 from gpt_fast.serving.loop import Reply, ServingLoop
 from gpt_fast.serving.protocol import JSON, TEXT, error_body, parse_request
-from gpt_fast.text.tokenizer import load_tokenizer
 
 DEFAULTS = SamplingParams(max_new_tokens=16)
 
@@ -80,14 +78,8 @@ def test_parse_request_errors_name_the_field(tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tiny_tokenizer(tiny_checkpoint):
-    return load_tokenizer(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_checkpoint):
-    model = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
-    return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)
+def tiny_tokenizer(parts):
+    return parts[1]
 
 
 def make_loop(parts, max_batch_size=4, prefix_cache_bytes=0, values=False):

@@ -1,7 +1,9 @@
 """What a request protocol hands the serving loop (Generation, Answer), and the native /predictions protocol:
 a JSON object in; the streamed UTF-8 text, or one JSON object, out.
 
-Request fields are in the README's table. A bad request gets HTTP 400 with {"error": message, "field": name}.
+Request fields are in the README's table. A bad request gets HTTP 400 with {"error": message, "field": name}; a
+request our code fails gets 500 {"error": message, "field": null}, or, once its answer has begun, that object as its
+last chunk.
 """
 import json
 from dataclasses import dataclass
@@ -10,7 +12,8 @@ from typing import Any, Protocol, Union
 from ..engine.request import StepOutput
 from ..engine.sampling import SamplingParams
 from ..text.tokenizer import Tokenizer
-from .fields import RequestError, chat_prompt_ids, check_fields, json_object, sampling_params, text_field
+from .fields import (RequestError, chat_prompt_ids, check_fields, check_prompt_chars, json_object, sampling_params,
+                     text_field)
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -25,6 +28,10 @@ class Response(Protocol):
 
     def render(self, out: StepOutput) -> bytes:
         """The bytes to send for one step's output (b"": nothing yet)."""
+
+    def fail(self, message: str) -> bytes:
+        """The last bytes of an answer our code failed after its 200 headers went out: an error the client can
+        tell from text."""
 
 
 @dataclass
@@ -44,8 +51,10 @@ class Answer:
     content_type: str = JSON
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, field: str) -> list[int]:
-    """A plain-text prompt's ids: bos as the tokenizer adds it, special tokens' strings kept as text."""
+def encode_prompt(tokenizer: Tokenizer, text: str, field: str, max_seq_len: int) -> list[int]:
+    """A plain-text prompt's ids (bos as the tokenizer adds it, special tokens' strings kept as text); a
+    RequestError naming `field` for text the tokenizer refuses, or text too long to be worth tokenizing."""
+    check_prompt_chars(len(text), field, max_seq_len)
     try:
         return tokenizer.encode(text)
     except ValueError as e:  # text the tokenizer refuses
@@ -92,8 +101,8 @@ def parse_request(body: Any, defaults: SamplingParams, max_seq_len: int, tokeniz
     prompt_field = "messages" if "messages" in body else "prompt"
     prompt = text_field(body, "prompt") if prompt_field == "prompt" else None
     params = sampling_params(body, defaults, max_seq_len, speculate=body.get("speculate", True))
-    ids = encode_prompt(tokenizer, prompt, "prompt") if prompt is not None else \
-        chat_prompt_ids(tokenizer, body["messages"])
+    ids = encode_prompt(tokenizer, prompt, "prompt", max_seq_len) if prompt is not None else \
+        chat_prompt_ids(tokenizer, body["messages"], max_seq_len)
     return GenerationRequest(ids, prompt_field, params, body.get("stream", True))
 
 
@@ -124,3 +133,8 @@ class NativeResponse:
             usage.update(draft_tokens=out.draft_tokens, accepted_tokens=out.accepted_tokens)
         answer = {"text": "".join(self._text), "finish_reason": out.finish_reason, "usage": usage}
         return json.dumps(answer).encode()
+
+    def fail(self, message: str) -> bytes:
+        """{"error": message, "field": null}, on a line of its own after streamed text."""
+        body = error_body(RequestError(None, message, status=500))
+        return b"\n" + body + b"\n" if self.stream else body
