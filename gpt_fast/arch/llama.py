@@ -1,4 +1,4 @@
-"""Llama (1, 2, 3.x, CodeLlama, TinyLlama, SmolLM) and Mistral: LlamaForCausalLM, MistralForCausalLM.
+"""Llama (1, 2, 3.x, CodeLlama, TinyLlama, SmolLM): LlamaForCausalLM.
 
 The model our Transformer is: separate q/k/v projections are fused into `wqkv`, the rest is renamed.
 """
@@ -34,18 +34,12 @@ def model_args(config: dict, generation_config: Optional[dict] = None, **options
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise ValueError(f"{flag}=true is not supported (the model has no bias terms)")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {config['hidden_act']!r} (supported: silu)")
-    max_pos = config.get("max_position_embeddings", 4096)
-    window = config.get("sliding_window")
-    if window is not None and window < max_pos:
-        # Within the window sliding attention equals full attention, so serving at most `window` positions
-        # is exact; longer contexts would need the sliding mask this model does not implement.
-        max_pos = window
-    return hf.model_args(config, generation_config, max_position_embeddings=max_pos, **options)
+    return hf.model_args(config, generation_config, **options)
 
 
-def weight_pieces(name: str, tensor: Tensor, args: ModelArgs) -> Optional[list[Piece]]:
+def weight_pieces(name: str, tensor: Tensor, args: ModelArgs, layer_names: dict[str, str] = LAYER_NAMES,
+                  qkv_index: dict[str, int] = QKV_INDEX) -> Optional[list[Piece]]:
+    """Llama's names; a family with more or other tensors per layer passes its own tables."""
     if IGNORED_RE.fullmatch(name) or (name == "lm_head.weight" and args.tie_embeddings):
         return []  # a tied lm_head is a duplicate of the embeddings
     if name in TOP_NAMES:
@@ -54,8 +48,9 @@ def weight_pieces(name: str, tensor: Tensor, args: ModelArgs) -> Optional[list[P
     if layer is None:
         return None
     prefix, local = layer
-    if local in LAYER_NAMES:
-        return [Piece(prefix + LAYER_NAMES[local], tensor)]
-    if local in QKV_INDEX:
-        return [Piece(prefix + "attention.wqkv.weight", tensor, QKV_INDEX[local], count=3)]
+    if local in layer_names:
+        return [Piece(prefix + layer_names[local], tensor)]
+    if local in qkv_index:
+        kind = local.rsplit(".", 1)[1]  # weight or bias
+        return [Piece(f"{prefix}attention.wqkv.{kind}", tensor, qkv_index[local], count=3)]
     return None

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 QUANT_MODES = ("int8", "int4")
+ROPE_TYPES = ("llama3", "linear", "longrope")
+# Feed-forward gate activations (Hugging Face's names): SwiGLU, and GeGLU with the tanh GELU (Gemma).
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 # The group sizes both int4 kernels accept (CUDA tinygemm and the CPU one).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_GROUP_SIZE = 128
@@ -48,7 +51,21 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None
     max_position_embeddings: int = 4096
     tie_embeddings: bool = False
+    # Architecture options; the defaults are Llama's. Each is read once, when the layers are built.
     qkv_bias: bool = False  # a bias on the q, k and v projections (fused into wqkv's bias)
+    qk_norm: bool = False  # an RMSNorm over each head's query and key before RoPE (Qwen3)
+    rotary_dim: Optional[int] = None  # RoPE turns the first rotary_dim features of each head; None: all (Phi)
+    hidden_act: str = "silu"  # the feed-forward's gate activation, one of HIDDEN_ACTS
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), in fp32 (Gemma)
+    post_norms: bool = False  # the attention and feed-forward outputs are normalised too, before the residual adds
+    scale_embeddings: bool = False  # embeddings times sqrt(dim), rounded to the model dtype (Gemma)
+    attn_scale: Optional[float] = None  # the query scale; None: head_dim ** -0.5
+    attn_softcap: Optional[float] = None  # attention logits -> cap * tanh(logits / cap) (Gemma 2)
+    final_softcap: Optional[float] = None  # output logits -> cap * tanh(logits / cap) (Gemma 2)
+    # Sliding-window attention: a token sees the keys of the last `sliding_window` positions (its own included), in
+    # the layers listed in sliding_window_layers (None: every layer). The KV cache still keeps every position.
+    sliding_window: Optional[int] = None
+    sliding_window_layers: Optional[list] = None
     # Which tokenizer file sits next to the weights: "sentencepiece" or "tiktoken".
     tokenizer: str = "sentencepiece"
     # Extra stop ids (e.g. from generation_config.json); the tokenizer adds its own eos ids.
@@ -65,8 +82,16 @@ class ModelArgs:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("llama3", "linear", "default"):
-                raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
+            if kind not in (*ROPE_TYPES, "default"):
+                raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in 1..head_dim={self.head_dim}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (supported: {', '.join(HIDDEN_ACTS)})")
+        if self.num_experts and self.hidden_act != "silu":
+            raise ValueError("mixture-of-experts layers use silu")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1")
         if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
                              f"{self.num_experts}")

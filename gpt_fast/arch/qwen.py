@@ -1,0 +1,35 @@
+"""Qwen2 / Qwen2.5 (Qwen2ForCausalLM) and Qwen3 dense (Qwen3ForCausalLM): Llama's layout with
+- Qwen2: a bias on the q, k and v projections (fused into wqkv's bias);
+- Qwen3: no bias, an RMSNorm over each head's query and key before RoPE, head_dim independent of hidden_size.
+Both: tied or untied embeddings, a vocabulary padded past the tokenizer's, and sliding-window attention in the
+layers from max_window_layers on when use_sliding_window is set (no released checkpoint sets it).
+"""
+from typing import Optional
+
+from torch import Tensor
+
+from ..model.args import ModelArgs
+from . import hf, llama
+from .hf import Piece
+
+# What transformers' Qwen2Config / Qwen3Config assume for fields config.json leaves out.
+DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "max_window_layers": 28}
+QWEN3_DEFAULTS = {"head_dim": 128}
+QKV_INDEX = {**llama.QKV_INDEX, "self_attn.q_proj.bias": 0, "self_attn.k_proj.bias": 1, "self_attn.v_proj.bias": 2}
+LAYER_NAMES = {**llama.LAYER_NAMES, "self_attn.q_norm.weight": "attention.q_norm.weight",
+               "self_attn.k_norm.weight": "attention.k_norm.weight"}
+
+
+def model_args(config: dict, generation_config: Optional[dict] = None) -> ModelArgs:
+    qwen3 = "Qwen3ForCausalLM" in config.get("architectures", [])
+    config = {**DEFAULTS, **(QWEN3_DEFAULTS if qwen3 else {}), **config}
+    if qwen3 and config.get("attention_bias"):
+        raise ValueError("attention_bias=true is not supported for Qwen3 (the output projection has no bias)")
+    if not config.get("use_sliding_window"):
+        config["sliding_window"] = None
+    window = hf.sliding_window(config, list(range(config["max_window_layers"], config["num_hidden_layers"])))
+    return hf.model_args(config, generation_config, qkv_bias=not qwen3, qk_norm=qwen3, **window)
+
+
+def weight_pieces(name: str, tensor: Tensor, args: ModelArgs) -> Optional[list[Piece]]:
+    return llama.weight_pieces(name, tensor, args, LAYER_NAMES, QKV_INDEX)

@@ -1,0 +1,156 @@
+"""Qwen2, Qwen3, Gemma 2, Phi-3 and Mistral with a sliding window: tiny random models built with transformers,
+saved with save_pretrained and converted with our CLI, match transformers (fp32 logits, 32 greedy tokens); batching,
+int8 and compile change nothing they should not."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_convert import assert_matches_transformers, randomize
+from test_mixtral import PROMPTS
+from transformers import (Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from gpt_fast.arch import model_args_from_hf
+from gpt_fast.checkpoints.convert import convert
+from gpt_fast.checkpoints.load import load_model
+from gpt_fast.checkpoints.quantize import quantize_checkpoint
+from gpt_fast.engine.engine import Engine
+from gpt_fast.engine.sampling import SamplingParams
+from gpt_fast.model.args import NAMED_SHAPES, ModelArgs
+from gpt_fast.model.quantized import quantize_model
+from gpt_fast.text.tokenizer import load_tokenizer
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=512)
+# A window of 8 positions is shorter than every test prompt but the shortest ones. LongRoPE's trained context of
+# 8 positions is shorter than the prompt, so transformers uses the long factors, as we do for a cache of more.
+LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.5, 3.0, 6.0, 10.0]}
+# case: (model class, config class, config, how save_pretrained writes it)
+CASES = {
+    "qwen2_gqa": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=2), "safetensors"),
+    "qwen2_tied": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=True), "sharded"),
+    "qwen3_gqa": (Qwen3ForCausalLM, Qwen3Config, dict(num_key_value_heads=2, head_dim=24), "sharded"),
+    # Three layers: sliding, full, sliding.
+    "gemma2_gqa_window": (Gemma2ForCausalLM, Gemma2Config, dict(
+        num_hidden_layers=3, num_key_value_heads=2, head_dim=24, sliding_window=8, query_pre_attn_scalar=20,
+        attn_logit_softcapping=2.0, final_logit_softcapping=5.0), "sharded"),
+    "phi3_gqa_longrope": (Phi3ForCausalLM, Phi3Config, dict(
+        num_key_value_heads=2, partial_rotary_factor=0.5, original_max_position_embeddings=8, rope_scaling=LONGROPE,
+        pad_token_id=0), "sharded"),
+    "phi3_window": (Phi3ForCausalLM, Phi3Config, dict(sliding_window=8, pad_token_id=0), "safetensors"),
+    "mistral_gqa_window": (MistralForCausalLM, MistralConfig, dict(num_key_value_heads=2, sliding_window=8),
+                           "sharded"),
+}
+# One case per family for the batching, int8 and compile checks.
+FAMILIES = ["qwen2_gqa", "qwen3_gqa", "gemma2_gqa_window", "phi3_gqa_longrope", "mistral_gqa_window"]
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoint: Path, tmp_path_factory) -> dict:
+    """case -> (the transformers model, its conversion by `python -m gpt_fast.convert`), built on first use."""
+    tokenizer = (tiny_checkpoint / "tokenizer.model").read_bytes()
+    vocab = load_tokenizer(tiny_checkpoint).vocab_size
+    root = tmp_path_factory.mktemp("arch")
+    built = {}
+
+    def get(case: str) -> tuple[torch.nn.Module, Path]:
+        if case not in built:
+            cls, config_cls, overrides, fmt = CASES[case]
+            hf = cls(config_cls(**{**SMALL, **overrides}, vocab_size=vocab)).eval()
+            randomize(hf)
+            hf_dir, out_dir = root / case / "hf", root / case / "out"
+            hf.save_pretrained(hf_dir, max_shard_size="20KB" if fmt == "sharded" else "50GB")
+            assert len(list(hf_dir.glob("model-*.safetensors"))) >= 3 if fmt == "sharded" else \
+                (hf_dir / "model.safetensors").is_file()
+            (hf_dir / "tokenizer.model").write_bytes(tokenizer)
+            subprocess.run([sys.executable, "-m", "gpt_fast.convert", str(hf_dir), str(out_dir)], check=True,
+                           capture_output=True)
+            built[case] = hf, out_dir
+        return built[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_transformers(converted, case):
+    hf, out_dir = converted(case)
+    model = load_model(out_dir, device="cpu", dtype=torch.float32)
+    assert model.args.tie_embeddings == hf.config.tie_word_embeddings
+    assert_matches_transformers(hf, model, out_dir)
+
+
+def test_longrope_short_factors_within_the_trained_context(converted):
+    """A cache no longer than original_max_position_embeddings rotates with the short factors, as transformers
+    does for a sequence that short."""
+    hf, out_dir = converted("phi3_gqa_longrope")
+    model = load_model(out_dir, device="cpu", dtype=torch.float32)
+    prompt = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 64]])
+    with torch.no_grad():
+        ref = hf(prompt).logits
+        model.setup_caches(1, 8)
+        ours = model(prompt, torch.arange(8)[None], torch.tensor([0]))
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_batched_equals_solo(converted, case):
+    """Four prompts of different lengths batched (padded prefill, decode at batch 4, 2 and 1 as they finish) give
+    each prompt's solo tokens."""
+    _, out_dir = converted(case)
+    model = load_model(out_dir, device="cpu", dtype=torch.float32)
+    tokenizer = load_tokenizer(out_dir)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (24, 9, 16, 5)]
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128)
+    solo = [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
+    assert [c.tokens for c in engine.generate(prompts, params)] == solo
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_int8_round_trip(converted, case, tmp_path):
+    """An int8 checkpoint loads into what quantizing at load gives, within 3% of the float logits."""
+    _, out_dir = converted(case)
+    model = load_model(out_dir, device="cpu", dtype=torch.float32)
+    quantized = quantize_checkpoint(out_dir, "int8", out_dir=tmp_path / "int8")
+    assert torch.load(quantized / "model.pth", weights_only=True)["layers.0.attention.wqkv.weight"].dtype == torch.int8
+    loaded = load_model(quantized, device="cpu", dtype=torch.float32)
+    in_memory = quantize_model(load_model(out_dir, device="cpu", dtype=torch.float32), "int8")
+    tokens = torch.tensor([load_tokenizer(out_dir).encode(PROMPTS[3])])
+    positions = torch.arange(tokens.shape[1])[None]
+
+    def logits(m) -> torch.Tensor:
+        m.setup_caches(1, 64)
+        return m(tokens, positions, torch.tensor([0]))
+
+    ref, ours, again = (logits(m) for m in (model, loaded, in_memory))
+    assert torch.equal(ours, again)
+    # Rows of 64 random inputs: 1-2.5% (LongRoPE's attention factor sharpens attention, so errors grow most there).
+    assert ((ours - ref).norm() / ref.norm()).item() < 0.03
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_compiled_equals_eager(converted, case):
+    _, out_dir = converted(case)
+    model = load_model(out_dir, device="cpu", dtype=torch.float32)
+    tokenizer = load_tokenizer(out_dir)
+    prompts = [tokenizer.encode(p) for p in (PROMPTS[0], PROMPTS[2])]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (7, 12)]
+    # Two graphs (decode at batch 1, a 16-token prefill), both past the window of 8.
+    eager = Engine(model, tokenizer, max_batch_size=1, max_seq_len=16)
+    expected = [c.tokens for c in eager.generate(prompts, params)]
+    compiled = Engine(model, tokenizer, max_batch_size=1, max_seq_len=16, compile=True)
+    compiled.warmup()
+    assert [c.tokens for c in compiled.generate(prompts, params)] == expected
+
+
+@pytest.mark.parametrize("case", ["qwen3_gqa", "gemma2_gqa_window", "mistral_gqa_window"])
+def test_single_file_converts_like_shards(converted, case, tmp_path):
+    hf, out_dir = converted(case)
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes((out_dir / "tokenizer.model").read_bytes())
+    single = torch.load(convert(tmp_path / "hf", tmp_path / "out"), weights_only=True)
+    sharded = torch.load(out_dir / "model.pth", weights_only=True)
+    assert single.keys() == sharded.keys() and all(torch.equal(single[k], sharded[k]) for k in single)
