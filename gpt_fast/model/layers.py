@@ -33,8 +33,9 @@ class KVCache(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dimension. unit_offset (Gemma): times (1 + weight), applied in fp32 before
-    rounding to x's dtype, where Llama rounds first and then multiplies."""
+    """x / rms(x) * weight over the last dimension, normalized in fp32 and returned in the model dtype (its
+    weight's), whatever the dtype of x: the residual stream it reads is fp32 (Transformer.forward).
+    unit_offset (Gemma): times (1 + weight), in fp32 before rounding, where Llama rounds and then multiplies."""
 
     def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
@@ -46,8 +47,8 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
-            return (xf * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * xf.type_as(x)
+            return (xf * (1.0 + self.weight.float())).to(self.weight.dtype)
+        return self.weight * xf.to(self.weight.dtype)
 
 
 def norm(args: ModelArgs, dim: Optional[int] = None) -> RMSNorm:

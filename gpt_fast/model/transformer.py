@@ -18,6 +18,8 @@ from torch import Tensor
 from .args import ModelArgs
 from .layers import ACTIVATIONS, KVCache, Linear, apply_rope, norm, resize_, rope_tables
 
+EXACT_TOP = 8  # logits recomputed in fp32 per row (Transformer.logits)
+
 
 def softcapped_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float, cap: float) -> Tensor:
     """Attention whose logits are soft-capped to (-cap, cap) by cap * tanh(logits / cap) before the mask (Gemma 2),
@@ -243,16 +245,35 @@ class Transformer(nn.Module):
         # Sliding layers see only the last `window` of those.
         window_mask = mask & (keys > pos.unsqueeze(-1) - window).unsqueeze(1) if window else None
         write_pos = torch.where(valid, positions, self.max_seq_len)
-        x = self.tok_embeddings(tokens)
+        # The residual stream is fp32 whatever the model dtype (the norms hand the layers the model dtype): its
+        # 2 x n_layer additions rounded to bf16 were most of a bf16 model's distance from its fp32 logits (half of
+        # it on SmolLM2, issue 13), for a few KB per token.
+        x = self.tok_embeddings(tokens).float()
         if self.args.scale_embeddings:  # Gemma: by sqrt(dim) rounded to the model dtype, as transformers does
-            x = x * torch.tensor(self.args.dim ** 0.5, dtype=x.dtype, device=x.device)
+            x = x * torch.tensor(self.args.dim ** 0.5, dtype=self.tok_embeddings.weight.dtype, device=x.device)
         for layer in self.layers:
             x = layer(x, cos, sin, window_mask if layer.attention.sliding else mask, slots, write_pos)
         if logit_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logit_index]
-        logits = self.output(self.norm(x)).float()
+        logits = self.logits(self.norm(x))
         cap = self.args.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def logits(self, h: Tensor) -> Tensor:
+        """fp32 logits of the normed hidden states h; in bf16/fp16, the EXACT_TOP largest of each row are exact.
+
+        A bf16 logit keeps 8 significant bits (steps of 0.125 between 16 and 32), so near-ties become exact ties
+        that greedy breaks by token id (SmolLM2 answered "L'..." instead of "The capital of France is Paris").
+        The largest are recomputed in fp32 from the same inputs, what the matmul summed before it rounded: the
+        ranking and the probabilities at the top are then those of fp32 logits, for EXACT_TOP rows of the matrix.
+        Quantized output layers keep their rounded logits (their weights' error is larger).
+        """
+        logits = self.output(h).float()
+        if h.dtype == torch.float32 or not isinstance(self.output, nn.Linear):
+            return logits
+        top = logits.topk(min(EXACT_TOP, logits.shape[-1]), dim=-1).indices
+        exact = (self.output.weight[top].float() @ h.float().unsqueeze(-1)).squeeze(-1)
+        return logits.scatter(-1, top, exact)
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Move one request's cached keys/values to another slot (keeps active slots contiguous)."""
