@@ -1,7 +1,7 @@
 """Qwen2, Qwen3, Gemma 2, Phi-3 and Mistral with a sliding window: tiny random models built with transformers,
 saved with save_pretrained and converted with our CLI, match transformers (fp32 logits, 32 greedy tokens); batching,
 int8 and compile change nothing they should not."""
-import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +154,67 @@ def test_single_file_converts_like_shards(converted, case, tmp_path):
     single = torch.load(convert(tmp_path / "hf", tmp_path / "out"), weights_only=True)
     sharded = torch.load(out_dir / "model.pth", weights_only=True)
     assert single.keys() == sharded.keys() and all(torch.equal(single[k], sharded[k]) for k in single)
+
+
+# The hub's config.json of each family's flagship (the fields that matter; hub configs predate transformers 5).
+QWEN25_7B = {"architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 3584,
+             "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28,
+             "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+             "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
+             "use_sliding_window": False, "vocab_size": 152064, "eos_token_id": 151645}
+QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "head_dim": 128, "hidden_act": "silu",
+            "hidden_size": 4096, "intermediate_size": 12288, "max_position_embeddings": 40960,
+            "max_window_layers": 36, "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+            "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 151936}
+GEMMA2_9B = {"architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attn_logit_softcapping": 50.0,
+             "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+             "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3584, "intermediate_size": 14336,
+             "max_position_embeddings": 8192, "num_attention_heads": 16, "num_hidden_layers": 42,
+             "num_key_value_heads": 8, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+             "sliding_window": 4096, "vocab_size": 256000}  # no tie_word_embeddings: tied by default
+PHI3_MINI_4K = {"architectures": ["Phi3ForCausalLM"], "hidden_act": "silu", "hidden_size": 3072,
+                "intermediate_size": 8192, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+                "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05,
+                "rope_scaling": None, "rope_theta": 10000.0, "sliding_window": 2047, "tie_word_embeddings": False,
+                "vocab_size": 32064}
+
+
+@pytest.mark.parametrize("config, shape", [(QWEN25_7B, "qwen2.5-7b"), (QWEN3_8B, "qwen3-8b"),
+                                           (GEMMA2_9B, "gemma-2-9b"), (PHI3_MINI_4K, "phi-3-mini")])
+def test_hub_configs_map_to_the_named_shapes(config, shape):
+    args = model_args_from_hf(config)
+    assert args == ModelArgs(**NAMED_SHAPES[shape], stop_token_ids=args.stop_token_ids)
+
+
+def test_longrope_and_sliding_window_mapping():
+    # Phi-3.5-mini: 128k context over a trained 4k; its window of 262144 spans the context, so there is none.
+    factors = {"long_factor": [1.5] * 48, "short_factor": [1.0] * 48, "type": "longrope"}
+    args = model_args_from_hf({**PHI3_MINI_4K, "max_position_embeddings": 131072, "sliding_window": 262144,
+                               "rope_scaling": factors})
+    assert args.rope_scaling == {"rope_type": "longrope", "long_factor": [1.5] * 48, "short_factor": [1.0] * 48,
+                                 "original_max_position_embeddings": 4096,
+                                 "attention_factor": pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)}
+    assert args.sliding_window is None and args.rotary_dim is None
+    # The first Phi-3 128k configs called it "su"; Phi-4-mini rotates three quarters of each head.
+    su = model_args_from_hf({**PHI3_MINI_4K, "rope_scaling": {**factors, "type": "su"}, "partial_rotary_factor": 0.75,
+                             "max_position_embeddings": 131072})
+    assert su.rope_scaling["rope_type"] == "longrope" and su.rotary_dim == 72
+    # Qwen2 with use_sliding_window: the layers from max_window_layers on.
+    args = model_args_from_hf({**QWEN25_7B, "use_sliding_window": True, "sliding_window": 4096,
+                               "max_window_layers": 20})
+    assert (args.sliding_window, args.sliding_window_layers) == (4096, list(range(20, 28)))
+    # transformers 5 writes layer_types, which win.
+    args = model_args_from_hf({**GEMMA2_9B, "layer_types": ["full_attention", "sliding_attention"] * 21})
+    assert args.sliding_window_layers == list(range(1, 42, 2))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"architectures": ["Qwen3ForCausalLM"], "attention_bias": True}, "attention_bias"),
+    ({"architectures": ["Gemma2ForCausalLM"], "hidden_activation": "gelu"}, "gelu"),
+    ({"layer_types": ["chunked_attention"] * 28}, "chunked_attention"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+])
+def test_unsupported_options_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        model_args_from_hf({**QWEN25_7B, **overrides})
