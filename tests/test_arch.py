@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_convert import assert_matches_transformers, randomize
-from test_mixtral import PROMPTS
+from test_mixtral import PROMPTS, assert_batched_equals_solo
 from transformers import (Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -97,16 +97,7 @@ def test_longrope_short_factors_within_the_trained_context(converted):
 
 @pytest.mark.parametrize("case", FAMILIES)
 def test_batched_equals_solo(converted, case):
-    """Four prompts of different lengths batched (padded prefill, decode at batch 4, 2 and 1 as they finish) give
-    each prompt's solo tokens."""
-    _, out_dir = converted(case)
-    model = load_model(out_dir, device="cpu", dtype=torch.float32)
-    tokenizer = load_tokenizer(out_dir)
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
-    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (24, 9, 16, 5)]
-    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128)
-    solo = [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
-    assert [c.tokens for c in engine.generate(prompts, params)] == solo
+    assert_batched_equals_solo(converted(case)[1])
 
 
 @pytest.mark.parametrize("case", FAMILIES)

@@ -230,7 +230,7 @@ def test_prefix_cache_under_tp(checkpoints, ranks):
 
 
 def test_a_rank_holds_its_share_of_every_matrix(checkpoints):
-    for name in ("int8", "moe"):
+    for name in ("int8", "moe", "qwen3", "gemma2"):  # per-head q/k norms and post norms are replicated
         full = load_model(checkpoints[name][0], "cpu", torch.float32)
         ranks = [load_model(checkpoints[name][0], "cpu", torch.float32, r, WORLD) for r in range(WORLD)]
         for key, tensor in full.state_dict().items():

@@ -14,16 +14,11 @@ from .hf import Piece
 DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 8192, "tie_word_embeddings": True,
             "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": 30.0,
             "attn_logit_softcapping": 50.0, "hidden_activation": "gelu_pytorch_tanh"}
-LAYER_NAMES = {
-    "self_attn.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "input_layernorm.weight": "attention_norm.weight",
-    "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "post_feedforward_layernorm.weight": "post_ffn_norm.weight",
-}
+# A norm before and after each sublayer: post_attention_layernorm normalizes the attention's output here.
+LAYER_NAMES = {**llama.PROJECTION_NAMES, "input_layernorm.weight": "attention_norm.weight",
+               "post_attention_layernorm.weight": "post_attention_norm.weight",
+               "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+               "post_feedforward_layernorm.weight": "post_ffn_norm.weight"}
 
 
 def model_args(config: dict, generation_config: Optional[dict] = None) -> ModelArgs:

@@ -16,14 +16,15 @@ TOP_NAMES = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
 }
-LAYER_NAMES = {
+PROJECTION_NAMES = {
     "self_attn.o_proj.weight": "attention.wo.weight",
     "mlp.gate_proj.weight": "feed_forward.w1.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight",
     "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "input_layernorm.weight": "attention_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
 }
+# Llama's post_attention_layernorm is the feed-forward's input norm.
+LAYER_NAMES = {**PROJECTION_NAMES, "input_layernorm.weight": "attention_norm.weight",
+               "post_attention_layernorm.weight": "ffn_norm.weight"}
 # Position of each projection inside the fused wqkv (the model splits it as q, k, v).
 QKV_INDEX = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 1, "self_attn.v_proj.weight": 2}
 # Old checkpoints saved the RoPE table as a buffer; the model recomputes it.
