@@ -17,7 +17,7 @@ EXPERT_RE = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 
 def model_args(config: dict, generation_config: Optional[dict] = None) -> ModelArgs:
     return mistral.model_args(config, generation_config, num_experts=config.get("num_local_experts", 0),
-                            num_experts_per_tok=config.get("num_experts_per_tok", 0))
+                              num_experts_per_tok=config.get("num_experts_per_tok", 0))
 
 
 def weight_pieces(name: str, tensor: Tensor, args: ModelArgs) -> Optional[list[Piece]]:
