@@ -4,17 +4,31 @@ int8 and compile change nothing they should not."""
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 from test_convert import assert_matches_transformers, randomize
+from test_gguf import write_tiny_gguf
 from test_mixtral import PROMPTS, assert_batched_equals_solo
-from transformers import (Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
-                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from gpt_fast.arch import model_args_from_hf
 from gpt_fast.checkpoints.convert import convert
+from gpt_fast.checkpoints.gguf import convert_gguf
 from gpt_fast.checkpoints.load import load_model
 from gpt_fast.checkpoints.quantize import quantize_checkpoint
 from gpt_fast.engine.engine import Engine
@@ -135,6 +149,19 @@ def test_compiled_equals_eager(converted, case):
     compiled = Engine(model, tokenizer, max_batch_size=1, max_seq_len=16, compile=True)
     compiled.warmup()
     assert [c.tokens for c in compiled.generate(prompts, params)] == expected
+
+
+def test_qwen2_gguf_converts_like_its_hugging_face_checkpoint(converted, tmp_path):
+    """A Qwen2 GGUF file (q/k rows in Hugging Face's order, q/k/v biases; fp32 tensors) converts to the same weights
+    and architecture options as the Hugging Face checkpoint it was written from."""
+    _, out_dir = converted("qwen2_gqa")
+    write_tiny_gguf(out_dir, tmp_path / "qwen2.gguf", architecture="qwen2", weight_types=(Q.F32,))
+    from_gguf = torch.load(convert_gguf(tmp_path / "qwen2.gguf", tmp_path / "out", torch.float32), weights_only=True)
+    expected = torch.load(out_dir / "model.pth", weights_only=True)
+    assert from_gguf.keys() == expected.keys() and all(torch.equal(from_gguf[k], expected[k]) for k in expected)
+    ignored = {"tokenizer": None, "stop_token_ids": None}
+    assert replace(ModelArgs.load(tmp_path / "out" / "config.json"), **ignored) == \
+        replace(ModelArgs.load(out_dir / "config.json"), **ignored)
 
 
 @pytest.mark.parametrize("case", ["qwen3_gqa", "gemma2_gqa_window", "mistral_gqa_window"])

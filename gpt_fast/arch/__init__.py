@@ -37,7 +37,7 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "Phi3ForCausalLM": phi3,
 }
 # GGUF `general.architecture` -> adapter.
-GGUF_ARCHITECTURES: dict[str, ModuleType] = {adapter.GGUF_ARCHITECTURE: adapter for adapter in (llama,)}
+GGUF_ARCHITECTURES: dict[str, ModuleType] = {adapter.GGUF_ARCHITECTURE: adapter for adapter in (llama, qwen)}
 
 
 def for_hf_config(config: dict) -> ModuleType:

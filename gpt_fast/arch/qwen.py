@@ -3,13 +3,16 @@
 - Qwen3: no bias, an RMSNorm over each head's query and key before RoPE, head_dim independent of hidden_size.
 Both: tied or untied embeddings, a vocabulary padded past the tokenizer's, and sliding-window attention in the
 layers from max_window_layers on when use_sliding_window is set (no released checkpoint sets it).
+
+Qwen2's GGUF files (`general.architecture` "qwen2") keep Hugging Face's q and k row order (llama.cpp rotates them
+NeoX-style, as transformers does) and name the q/k/v biases attn_q.bias, attn_k.bias, attn_v.bias.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor
 
 from ..model.args import ModelArgs
-from . import hf, llama
+from . import gguf_layout, hf, llama
 from .hf import Piece
 
 # What transformers' Qwen2Config / Qwen3Config assume for fields config.json leaves out.
@@ -33,3 +36,18 @@ def model_args(config: dict, generation_config: Optional[dict] = None) -> ModelA
 
 def weight_pieces(name: str, tensor: Tensor, args: ModelArgs) -> Optional[list[Piece]]:
     return llama.weight_pieces(name, tensor, args, LAYER_NAMES, QKV_INDEX)
+
+
+GGUF_ARCHITECTURE = "qwen2"
+GGUF_BLOCK_NAMES = {**gguf_layout.BLOCK_NAMES, "attn_q.bias": "self_attn.q_proj.bias",
+                    "attn_k.bias": "self_attn.k_proj.bias", "attn_v.bias": "self_attn.v_proj.bias"}
+
+
+def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], read: Callable[[str], Tensor]) -> dict:
+    """The Hugging Face config.json of a "qwen2" GGUF file."""
+    return gguf_layout.llama_config(metadata, shapes, GGUF_ARCHITECTURE, "Qwen2ForCausalLM")
+
+
+def gguf_weight(name: str, tensor: Tensor, config: dict) -> Optional[list[tuple[str, Tensor]]]:
+    hf_name = gguf_layout.hf_name(name, gguf_layout.TOP_NAMES, GGUF_BLOCK_NAMES)
+    return None if hf_name is None else [(hf_name, tensor)]
