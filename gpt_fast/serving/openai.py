@@ -127,6 +127,12 @@ class CompletionResponse:
         self._text: list[str] = []
         self._logprobs: list[TokenLogprob] = []
         self._text_offset = 0  # characters of the tokens whose logprobs were sent
+        # The usual event, a text delta that is not the last, rendered once around a placeholder: a reply then
+        # costs one json.dumps of its text, not of the whole chunk (replies are rendered between decode steps).
+        self._delta_event = None
+        if stream and not logprobs:
+            event = self._chunk([self._choice("\0", [], None, delta=True)])
+            self._delta_event = (b"data: " + _json(event) + b"\n\n").split(_json("\0"))
 
     def start(self) -> bytes:
         return b""
@@ -139,6 +145,8 @@ class CompletionResponse:
                 return b""
             choice = self._choice("".join(self._text), self._logprobs, out.finish_reason, delta=False)
             return _json({**self._head(self.object), "choices": [choice], "usage": _usage(out)})
+        if self._delta_event and not out.finished:
+            return self._delta_event[0] + _json(out.text) + self._delta_event[1] if out.text else b""
         events = []
         if out.text or out.logprobs or out.finished:
             events.append(self._chunk([self._choice(out.text, out.logprobs, out.finish_reason, delta=True)]))
