@@ -203,17 +203,17 @@ def main() -> None:
             weights = scheme_name(model.args.quantization)
             bytes_per_token = model.args.weight_bytes(torch.finfo(dtype).bits / 8)
             runners = [(f"gpt-fast-serve {'compiled' if c else 'eager'}{ranks}",
-                        lambda c=c: bench_engine(model, tokenizer, a.prompt_len, a.new_tokens, c, device))
+                        lambda m, c=c: bench_engine(m, tokenizer, a.prompt_len, a.new_tokens, c, device))
                        for c in modes]
             if not a.no_hf and a.shape and quant == "none" and not ranks:
                 try:
                     import transformers  # noqa: F401
                     runners.append(("transformers eager",
-                                    lambda: bench_hf(model.args, a.prompt_len, a.new_tokens, device, dtype)))
+                                    lambda m: bench_hf(m.args, a.prompt_len, a.new_tokens, device, dtype)))
                 except ImportError:
                     pass
             for name, run in runners:
-                r = run()
+                r = run(model)
                 r.update(runner=name, dtype=dtype_name, weights=weights,
                          bandwidth_gbs=bytes_per_token * r["tokens_per_s"] / 1e9)
                 r["of_limit"] = r["bandwidth_gbs"] * 1e9 / limit

@@ -5,14 +5,12 @@ import threading
 import openai
 import pytest
 import requests
-import torch
 from test_serve import MODEL_CONFIG, metric, served
 
 from gpt_fast.checkpoints.load import load_model
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.serving import metrics
-from gpt_fast.serving.loop import ServingLoop
 from gpt_fast.text.tokenizer import load_tokenizer
 
 NAME = "gpt-fast"
