@@ -39,12 +39,6 @@ class LocalServer:
         return subprocess.run([str(ROOT / "scripts" / args[0]), *args[1:]], env={**os.environ, **self.env},
                               capture_output=True, text=True, timeout=timeout)
 
-    def archive_and_start(self, checkpoint: Path, config: Path, more: tuple[tuple[str, Path], ...] = ()) -> None:
-        """Serve `checkpoint` with `config` as self.name, plus (name, config) more models of it."""
-        for name, conf in [(self.name, config), *more]:
-            self.archive(checkpoint, conf, name)
-        self.start()
-
     def archive(self, checkpoint: Path, config: Path, name: Optional[str] = None) -> None:
         self._run("archive.sh", str(checkpoint), "--name", name or self.name, "--config", str(config))
 

@@ -13,23 +13,35 @@ from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.serving import metrics
 from gpt_fast.text.tokenizer import load_tokenizer
 
-NAME = "gpt-fast"
+NAME = "gpt-fast"  # the tiny model: no chat template
+CHAT = "gpt-fast-chat"  # its weights with a tokenizer.json tokenizer and a ChatML template (conftest's chat_checkpoint)
 PROMPT = "Once upon a time there was a little"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory, request):
-    yield from served(tiny_checkpoint, tmp_path_factory.mktemp("serve_openai"), request, {NAME: MODEL_CONFIG})
+def server(tiny_checkpoint, chat_checkpoint, tmp_path_factory, request):
+    yield from served(tiny_checkpoint, tmp_path_factory.mktemp("serve_openai"), request,
+                      {NAME: MODEL_CONFIG, CHAT: MODEL_CONFIG}, {CHAT: chat_checkpoint})
+
+
+def openai_client(server, name: str) -> openai.OpenAI:
+    key = server.headers["Authorization"].removeprefix("Bearer ")
+    return openai.OpenAI(base_url=f"{server.predictions}/{name}/1.0/v1", api_key=key, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    key = server.headers["Authorization"].removeprefix("Bearer ")
-    return openai.OpenAI(base_url=server.openai_url, api_key=key, max_retries=0, timeout=120)
+    return openai_client(server, NAME)
 
 
-def native(server, body: dict) -> dict:
-    r = server.post({**body, "stream": False})
+@pytest.fixture(scope="module")
+def chat_client(server):
+    return openai_client(server, CHAT)
+
+
+def native(server, body: dict, model: str = NAME) -> dict:
+    r = server.post({**body, "stream": False}, model)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -118,6 +130,102 @@ def test_logprobs_and_penalties(client, tiny_checkpoint):
     assert expected.tokens != engine.generate([tokenizer.encode(PROMPT)], SamplingParams(max_new_tokens=60))[0].tokens
     assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=60, temperature=0, presence_penalty=1.0,
                                      frequency_penalty=2.0).choices[0].text == expected.text
+
+
+def test_chat_completion_is_the_predictions_messages_text(server, chat_client, chat_checkpoint):
+    expected = native(server, {"messages": MESSAGES, "max_new_tokens": 20}, CHAT)
+    completion = chat_client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=20, temperature=0)
+    assert completion.object == "chat.completion" and completion.model == CHAT
+    assert completion.id.startswith("chatcmpl-") and completion.created > 0
+    (choice,) = completion.choices
+    assert (choice.message.role, choice.message.content) == ("assistant", expected["text"])
+    assert choice.finish_reason == expected["finish_reason"] == "length" and choice.logprobs is None
+    prompt_tokens = len(load_tokenizer(chat_checkpoint).encode_chat(MESSAGES))
+    usage = completion.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        prompt_tokens, 20, prompt_tokens + 20) and expected["usage"]["prompt_tokens"] == prompt_tokens
+    assert usage.prompt_tokens_details.cached_tokens == (prompt_tokens - 1) // 16 * 16
+    assert chat_client.chat.completions.create(model=CHAT, messages=MESSAGES, max_completion_tokens=20,
+                                               temperature=0).choices[0].message.content == expected["text"]
+    short = chat_client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=8, temperature=0,
+                                                logprobs=True, top_logprobs=2).choices[0]
+    lp = short.logprobs.content
+    assert len(lp) == 8 and b"".join(bytes(t.bytes) for t in lp).decode() == short.message.content
+    assert expected["text"].startswith(short.message.content)
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in lp)  # greedy: the top one
+
+
+def test_streamed_chat_deltas_concatenate_to_the_message(chat_client):
+    whole = chat_client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=20, temperature=0)
+    content = whole.choices[0].message.content
+    chunks = list(chat_client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=20, temperature=0,
+                                                      stream=True, stream_options={"include_usage": True}))
+    role, *text_chunks, usage_chunk = chunks
+    assert (role.choices[0].delta.role, role.choices[0].delta.content) == ("assistant", "")
+    assert len(text_chunks) > 3 and all(c.choices[0].delta.role is None for c in text_chunks)
+    assert "".join(c.choices[0].delta.content for c in text_chunks) == content
+    assert [c.choices[0].finish_reason for c in [role, *text_chunks]] == [None] * len(text_chunks) + ["length"]
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].id.startswith("chatcmpl-") and all(c.usage is None for c in [role, *text_chunks])
+    assert usage_chunk.choices == [] and (usage_chunk.usage.prompt_tokens, usage_chunk.usage.completion_tokens) == (
+        whole.usage.prompt_tokens, 20)
+
+
+def test_chat_stop_and_seed_behave_as_on_predictions(server, chat_client):
+    content = native(server, {"messages": MESSAGES, "max_new_tokens": 20}, CHAT)["text"]
+    stop = content[len(content) // 2:len(content) // 2 + 2]
+    for body, kw in [({"stop": stop}, {"stop": stop}),
+                     ({"temperature": 0.9, "top_p": 0.9, "seed": 5}, {"temperature": 0.9, "top_p": 0.9, "seed": 5})]:
+        expected = native(server, {"messages": MESSAGES, "max_new_tokens": 20, **body}, CHAT)
+        choice = chat_client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=20,
+                                                     **kw).choices[0]
+        assert (choice.message.content, choice.finish_reason) == (expected["text"], expected["finish_reason"])
+        streamed = list(chat_client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=20,
+                                                            stream=True, **kw))
+        assert "".join(c.choices[0].delta.content for c in streamed) == expected["text"]
+        assert streamed[-1].choices[0].finish_reason == expected["finish_reason"]
+    assert expected["text"] != content  # sampled, not greedy
+    stopped = chat_client.chat.completions.create(model=CHAT, messages=MESSAGES, max_tokens=20, temperature=0,
+                                                  stop=stop).choices[0]
+    assert (stopped.message.content, stopped.finish_reason) == (content[:content.index(stop)], "stop")
+
+
+BAD_MESSAGES = [
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "messages[1].role"),
+    ([{"content": "a"}], "messages[0].role"),
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "user", "content": 3}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content[0]"),
+    ([{"role": "user", "content": "a", "tool_call_id": "x"}], "messages[0].tool_call_id"),
+    ([], "messages"),
+    (None, "messages"),  # null is as if left out
+]
+
+
+@pytest.mark.parametrize("messages,param", BAD_MESSAGES, ids=[p for _, p in BAD_MESSAGES])
+def test_bad_messages_are_bad_requests_naming_the_field(chat_client, messages, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat_client.chat.completions.create(model=CHAT, messages=messages)
+    assert e.value.param == param and e.value.type == "invalid_request_error", e.value.body
+
+
+def test_chat_fields_are_checked_as_chat_fields(chat_client):
+    for kw, param in [(dict(logprobs=False, top_logprobs=2), "top_logprobs"), (dict(logprobs=3), "logprobs"),
+                      (dict(extra_body={"prompt": "x"}), "prompt"), (dict(max_completion_tokens=0),
+                                                                      "max_completion_tokens")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat_client.chat.completions.create(model=CHAT, messages=MESSAGES, **kw)
+        assert e.value.param == param, e.value.body
+
+
+def test_chat_with_a_model_without_a_template_is_a_bad_request(client):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=NAME, messages=MESSAGES, stream=stream)
+        assert e.value.status_code == 400 and "chat template" in e.value.message
+        assert e.value.response.json() == {"error": {"message": e.value.body["message"],
+                                                     "type": "invalid_request_error", "param": "messages",
+                                                     "code": None}}
 
 
 BAD_FIELDS = [

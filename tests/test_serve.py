@@ -54,9 +54,11 @@ SPECULATIVE_CONFIG = MODEL_CONFIG + """\
 """
 
 
-def served(checkpoint: Path, run_dir: Path, request, configs: dict[str, str]) -> Iterator[LocalServer]:
-    """A module fixture's body: the checkpoint served under each name with its model_config text (the first is
-    the server's own name); stopped at the end, its logs printed when it failed to start or a test failed."""
+def served(checkpoint: Path, run_dir: Path, request, configs: dict[str, str],
+           checkpoints: Optional[dict[str, Path]] = None) -> Iterator[LocalServer]:
+    """A module fixture's body: the checkpoint (or `checkpoints[name]`) served under each name with its model_config
+    text (the first is the server's own name); stopped at the end, its logs printed when it failed to start or a
+    test failed."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java (scripts/setup.sh installs it)")
     paths = []
@@ -66,7 +68,9 @@ def served(checkpoint: Path, run_dir: Path, request, configs: dict[str, str]) ->
     srv = LocalServer(run_dir, name=paths[0][0])
     failed_before, up = request.session.testsfailed, False
     try:
-        srv.archive_and_start(checkpoint, paths[0][1], more=tuple(paths[1:]))
+        for name, path in paths:
+            srv.archive((checkpoints or {}).get(name, checkpoint), path, name)
+        srv.start()
         up = True
         yield srv
     finally:
