@@ -1,10 +1,18 @@
 """One generation request's state on the host: tokens so far, text deltas, stop conditions."""
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..text.detokenizer import IncrementalDetokenizer
 from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens at its position (most likely first)."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -22,10 +30,12 @@ class StepOutput:
     draft_passes: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when the request asked
 
     def followed_by(self, later: "StepOutput") -> "StepOutput":
         """This step's output and a later step's, as one."""
-        return replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text)
+        return replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text,
+                       logprobs=self.logprobs + later.logprobs)
 
 
 @dataclass
@@ -65,8 +75,9 @@ class Request:
             self.draft_tokens += drafted
             self.accepted_tokens += accepted
 
-    def append(self, token_ids: list[int], max_seq_len: int) -> StepOutput:
-        """Take newly sampled tokens (possibly several, e.g. from speculation) and decide what to show."""
+    def append(self, token_ids: list[int], max_seq_len: int, logprobs: Sequence[TokenLogprob] = ()) -> StepOutput:
+        """Take newly sampled tokens (possibly several, e.g. from speculation; logprobs: theirs, if asked) and
+        decide what to show."""
         new: list[int] = []
         text = ""
         for token in token_ids:
@@ -85,7 +96,7 @@ class Request:
             text += self._release(self._detok.flush(), final=True)
         return StepOutput(self.request_id, new, text, self.finished, self.finish_reason,
                           len(self.prompt_ids), len(self.generated), self.cached_tokens, self.draft_passes,
-                          self.draft_tokens, self.accepted_tokens)
+                          self.draft_tokens, self.accepted_tokens, list(logprobs[:len(new)]))
 
     def _release(self, delta: str, final: bool = False) -> str:
         """Return the text safe to show; hold back a tail that could still grow into a stop string."""

@@ -1,19 +1,27 @@
 """JSON values checked against the types a field takes, for the handler config and the request protocols alike."""
 import json
 import math
-from typing import Any, Union
+from typing import Any, Optional, Union
 
-from ..engine.sampling import InvalidParam
+from ..engine.sampling import InvalidParam, SamplingParams
 
 MAX_STOP_STRINGS = 16  # each is checked against every text delta, so a long list slows the whole batch
 
 
 class RequestError(InvalidParam):
-    """A bad request: HTTP 400 naming `field`, for that request alone (each protocol renders it its own way)."""
+    """A bad request: HTTP `status` (400 unless told) naming `field`, for that request alone (each protocol renders
+    it its own way; `code` is a machine-readable reason where one exists, e.g. OpenAI's "model_not_found")."""
+
+    def __init__(self, field: str, message: str, status: int = 400, code: Optional[str] = None):
+        super().__init__(field, message)
+        self.status, self.code = status, code
 
 
 def is_type(value: Any, kind: Union[type, tuple]) -> bool:
-    """Whether a JSON value is of `kind` (a type or a tuple of them); a float field takes integers too."""
+    """Whether a JSON value is of `kind` (a type or a tuple of them); a float field takes integers too; `object` takes
+    anything (a field whose own parser checks it)."""
+    if kind is object:
+        return True
     if isinstance(value, bool):  # bool is an int subclass: only a bool field takes it
         return kind is bool
     if kind is float:
@@ -23,7 +31,7 @@ def is_type(value: Any, kind: Union[type, tuple]) -> bool:
 
 def type_name(kind: Union[type, tuple]) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list of strings",
-             tuple: "a list of strings", type(None): "null"}
+             tuple: "a list of strings", dict: "an object", type(None): "null"}
     return " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
@@ -78,3 +86,22 @@ def text_field(body: dict, name: str) -> str:
     except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text cannot hold them
         raise RequestError(name, "contains an unpaired surrogate (not valid Unicode)") from None
     return text
+
+
+def sampling_params(body: dict, defaults: SamplingParams, max_seq_len: int, aliases: Optional[dict[str, str]] = None,
+                    **given: Any) -> SamplingParams:
+    """SamplingParams from a checked request body: max_new_tokens (or the request field `aliases` names for it),
+    temperature, top_k, top_p, seed and stop, those left out from `defaults`; `given`: more SamplingParams
+    arguments. A RequestError names the request field at fault (through `aliases`)."""
+    aliases = aliases or {}
+    max_field = aliases.get("max_new_tokens", "max_new_tokens")
+    if body.get(max_field, 0) > max_seq_len:
+        raise RequestError(max_field, f"must be <= {max_seq_len} (the context length)")
+    stop = stop_strings(body["stop"], "stop") if "stop" in body else defaults.stop
+    try:
+        return SamplingParams(max_new_tokens=body.get(max_field, defaults.max_new_tokens),
+                              temperature=float(body.get("temperature", defaults.temperature)),
+                              top_k=body.get("top_k", defaults.top_k), top_p=float(body.get("top_p", defaults.top_p)),
+                              seed=body.get("seed"), stop=stop, **given)
+    except InvalidParam as e:
+        raise RequestError(aliases.get(e.field, e.field), e.message) from None
