@@ -171,7 +171,9 @@ def markdown(r: dict) -> str:
              f"- torch {env.get('torch', env.get('torch_error'))}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
              f"Python {env.get('python')}, {env.get('cpus')} CPUs, java: {env.get('java')}",
              "- packages: " + ", ".join(f"{k} {v}" if v else f"{k} MISSING" for k, v in env.get("packages", {}).items()),
-             f"- gpt-fast-serve runtime requirements missing here: {', '.join(env.get('serve_missing', [])) or 'none'}",
+             f"- gpt-fast-serve runtime requirements missing here: {', '.join(env.get('serve_missing', [])) or 'none'}"
+             + (" (gguf: carry build/gpu_wheels, made by `bash scripts/gpu_check.sh --bundle`)"
+                if "gguf" in env.get("serve_missing", []) else ""),
              "", "| step | status | wall s | CPU s |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']} | {s.get('cpu_s', '')} |" for s in r["steps"]]
     p = r["pytest"]
