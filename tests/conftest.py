@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from gpt_fast.checkpoints.gguf import convert_gguf
+from gpt_fast.checkpoints.load import load_model
 from gpt_fast.checkpoints.tiny import build_tiny
+from gpt_fast.text.tokenizer import load_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -32,6 +34,13 @@ def smollm2_checkpoint(smollm2_gguf: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2")
     convert_gguf(smollm2_gguf, out, dtype=torch.float32)
     return out
+
+
+@pytest.fixture(scope="session")
+def parts(tiny_checkpoint):
+    """The tiny model in fp32 and its tokenizer, for in-process serving tests (tests/test_serving.py's make_loop)."""
+    model = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)
 
 
 def pytest_configure(config):

@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from gpt_fast.checkpoints.load import load_model
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.serving import metrics
@@ -12,7 +11,6 @@ from gpt_fast.serving.config import HandlerConfig
 from gpt_fast.serving.fields import RequestError
 from gpt_fast.serving.loop import Reply, ServingLoop
 from gpt_fast.serving.protocol import JSON, TEXT, error_body, parse_request
-from gpt_fast.text.tokenizer import load_tokenizer
 
 DEFAULTS = SamplingParams(max_new_tokens=16)
 
@@ -74,12 +72,6 @@ def test_parse_request_errors_name_the_field():
         parse_request({"prompt": "hi", "speculate": "no"}, DEFAULTS, max_seq_len=64)
     assert e.value.field == "speculate"
     assert not parse_request({"prompt": "hi", "speculate": False}, DEFAULTS, max_seq_len=64).params.speculate
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_checkpoint):
-    model = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
-    return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)
 
 
 def make_loop(parts, max_batch_size=4, prefix_cache_bytes=0, values=False):

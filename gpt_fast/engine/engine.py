@@ -6,6 +6,7 @@ One admitted request at a time is being prefilled, in slot n. While others decod
 PREFILL_TOKENS_PER_STEP prompt tokens, so a long prompt joining a busy batch is prefilled in chunks between
 decode steps instead of stalling every running stream for the whole prompt.
 """
+import logging
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from .request import Request, StepOutput, TokenLogprob
 from .runner import ModelRunner, batch_buckets, bucket, kv_buckets
 from .sampling import RowSampling, SamplingParams, greedy_sample, penalties, sample, token_logprobs
 from .speculative import Speculator
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 2048
 PREFILL_TOKENS_PER_STEP = 256
@@ -217,7 +220,11 @@ class Engine:
         return logits
 
     def _append(self, req: Request, tokens: list[int], logprobs: list[TokenLogprob]) -> StepOutput:
-        out = req.append(tokens, self.max_seq_len, logprobs)
+        try:
+            out = req.append(tokens, self.max_seq_len, logprobs)
+        except Exception:  # a bug in one request's text or stop check ends that request, not the step
+            logger.exception("request %s failed", req.request_id)
+            return req.fail()
         if self.speculator:
             self.speculator.observe(req, out.token_ids)
         return out

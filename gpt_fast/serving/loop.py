@@ -6,6 +6,7 @@ one reply per request. `ServingLoop.step` is that call without TorchServe: (requ
 how its answer is written is the protocol's, chosen by the path's first segment: "" the native one (protocol.py),
 "v1" OpenAI's (openai.py); the loop admits, steps, cancels and counts.
 """
+import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,8 +26,12 @@ from .metrics import Emit
 from .openai import OpenAIProtocol
 from .protocol import TEXT, Answer, NativeProtocol, Response
 
+logger = logging.getLogger(__name__)
+
 # Steps the decode thread runs ahead of a frontend that has not come back for the results.
 MAX_STEPS_PER_CALL = 64
+# What a request hears when our code, not its input, failed it (the traceback goes to the log).
+INTERNAL_ERROR = "internal error while serving this request (the server log has the details)"
 
 
 @dataclass
@@ -90,7 +95,11 @@ class ServingLoop:
         return self._engine_thread.submit(self._advance, batch).result()
 
     def _advance(self, batch: list[tuple[str, Any, str]]) -> list[Reply]:
-        """On the engine thread, after the steps the previous call started."""
+        """On the engine thread, after the steps the previous call started.
+
+        What fails one request (its body, its text, a bug it runs into) is caught where that request is handled
+        and ends it alone; only what fails the engine step itself ends up here.
+        """
         try:
             return self._answer(batch)
         except BaseException:
@@ -176,15 +185,28 @@ class ServingLoop:
                 self.engine.add(rid, request.prompt_ids, request.params)
             except PromptTooLongError as e:
                 raise RequestError(request.prompt_field, str(e), code="context_length_exceeded") from None
+            first = request.response.start()
         except RequestError as e:
-            self.emit(metrics.REQUESTS_FINISHED, 1, reason="error")
             error = protocol.error(e)
-            return Reply(error.body, finished=True, first=True, status=error.status, content_type=error.content_type)
-        self.tracked[rid] = _Tracked(request.response, arrived=now)
-        return Reply(request.response.start(), finished=False, first=True, content_type=request.response.content_type)
+        except Exception:  # a bug this request ran into: its own 500, not the batch's
+            logger.exception("request %s failed on admission", rid)
+            self.engine.cancel(rid)
+            error = protocol.error(RequestError(None, INTERNAL_ERROR, status=500, code="internal_error"))
+        else:
+            self.tracked[rid] = _Tracked(request.response, arrived=now)
+            return Reply(first, finished=False, first=True, content_type=request.response.content_type)
+        self.emit(metrics.REQUESTS_FINISHED, 1, reason="error")
+        return Reply(error.body, finished=True, first=True, status=error.status, content_type=error.content_type)
 
     def _reply(self, out: StepOutput, done: float) -> Reply:
         tracked = self.tracked[out.request_id]
+        if out.finish_reason == "error":  # the engine ended it (and logged why)
+            return self._fail(out.request_id)
+        try:
+            body = tracked.response.render(out)
+        except Exception:
+            logger.exception("request %s failed", out.request_id)
+            return self._fail(out.request_id)
         if out.token_ids and tracked.first_token_at is None:
             tracked.first_token_at = done
             self.emit(metrics.TIME_TO_FIRST_TOKEN, done - tracked.arrived)
@@ -194,11 +216,17 @@ class ServingLoop:
             self._finish(out.request_id, out.finish_reason)
             if out.completion_tokens > 1:
                 self.emit(metrics.INTER_TOKEN_LATENCY, (done - tracked.first_token_at) / (out.completion_tokens - 1))
-        return Reply(tracked.response.render(out), finished=out.finished, first=False)
+        return Reply(body, finished=out.finished, first=False)
 
-    def _cancel(self, rid: str) -> None:
+    def _fail(self, rid: str) -> Reply:
+        """End a request whose answer has begun with an error as its last chunk; the others go on."""
+        response = self.tracked[rid].response
+        self._cancel(rid, "error")
+        return Reply(response.fail(INTERNAL_ERROR), finished=True, first=False)
+
+    def _cancel(self, rid: str, reason: str = "cancelled") -> None:
         self.engine.cancel(rid)
-        self._finish(rid, "cancelled")
+        self._finish(rid, reason)
 
     def _finish(self, rid: str, reason: str) -> None:
         # Counted per request, not per step: TorchServe logs and parses every metric line the worker prints,

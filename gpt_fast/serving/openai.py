@@ -90,7 +90,7 @@ class OpenAIProtocol:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one prompt
         if isinstance(prompt, str):
-            return encode_prompt(self.tokenizer, text_field({"prompt": prompt}, "prompt"), "prompt")
+            return encode_prompt(self.tokenizer, text_field({"prompt": prompt}, "prompt"), "prompt", self.max_seq_len)
         if isinstance(prompt, list) and prompt and all(is_type(t, int) for t in prompt):
             if not all(0 <= t < self.tokenizer.vocab_size for t in prompt):
                 raise RequestError("prompt", f"token ids must be in [0, {self.tokenizer.vocab_size})")
@@ -148,6 +148,11 @@ class CompletionResponse:
             events.append({**self._head(self.chunk_object), "choices": [], "usage": _usage(out)})
         return b"".join(b"data: " + _json(event) + b"\n\n" for event in events) + \
             (b"data: [DONE]\n\n" if out.finished else b"")
+
+    def fail(self, message: str) -> bytes:
+        """OpenAI's error object: the whole body, or an event before [DONE] (a 200 was already sent)."""
+        error = _json({"error": {"message": message, "type": "server_error", "param": None, "code": "internal_error"}})
+        return b"data: " + error + b"\n\ndata: [DONE]\n\n" if self.stream else error
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}

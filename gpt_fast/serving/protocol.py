@@ -1,7 +1,9 @@
 """What a request protocol hands the serving loop (Generation, Answer), and the native /predictions protocol:
 a JSON object in; the streamed UTF-8 text, or one JSON object, out.
 
-Request fields are in the README's table. A bad request gets HTTP 400 with {"error": message, "field": name}.
+Request fields are in the README's table. A bad request gets HTTP 400 with {"error": message, "field": name}; a
+request our code fails gets 500 {"error": message, "field": null}, or, once its answer has begun, that object as its
+last chunk.
 """
 import json
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from .fields import RequestError, check_fields, json_object, sampling_params, te
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
+# A prompt with more characters than this per token of context is refused before it is tokenized (real text has ~4).
+MAX_PROMPT_CHARS_PER_TOKEN = 32
 
 
 class Response(Protocol):
@@ -25,6 +29,10 @@ class Response(Protocol):
 
     def render(self, out: StepOutput) -> bytes:
         """The bytes to send for one step's output (b"": nothing yet)."""
+
+    def fail(self, message: str) -> bytes:
+        """The last bytes of an answer our code failed after its 200 headers went out: an error the client can
+        tell from text."""
 
 
 @dataclass
@@ -44,7 +52,14 @@ class Answer:
     content_type: str = JSON
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, field: str, bos: bool = True) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, text: str, field: str, max_seq_len: int, bos: bool = True) -> list[int]:
+    """The prompt's token ids; a RequestError naming `field` for text the tokenizer refuses, or text too long to be
+    worth tokenizing (tokenizing 6 MB holds the engine thread, and so every stream, for seconds)."""
+    max_chars = MAX_PROMPT_CHARS_PER_TOKEN * max_seq_len
+    if len(text) > max_chars:
+        raise RequestError(field, f"has {len(text)} characters; at most {max_chars} ({MAX_PROMPT_CHARS_PER_TOKEN} "
+                                  f"per token of the {max_seq_len}-token context) are tokenized",
+                           code="context_length_exceeded")
     try:
         return tokenizer.encode(text, bos=bos)
     except ValueError as e:  # text the tokenizer refuses
@@ -62,7 +77,7 @@ class NativeProtocol:
         if path:
             raise RequestError("path", f"no such path: {path!r} (POST to /predictions/<model>)", status=404)
         request = parse_request(body, self.defaults, self.max_seq_len)
-        return Generation(encode_prompt(self.tokenizer, request.prompt, "prompt"), request.params,
+        return Generation(encode_prompt(self.tokenizer, request.prompt, "prompt", self.max_seq_len), request.params,
                           NativeResponse(request.stream, self.speculating))
 
     def error(self, e: RequestError) -> Answer:
@@ -116,3 +131,8 @@ class NativeResponse:
             usage.update(draft_tokens=out.draft_tokens, accepted_tokens=out.accepted_tokens)
         answer = {"text": "".join(self._text), "finish_reason": out.finish_reason, "usage": usage}
         return json.dumps(answer).encode()
+
+    def fail(self, message: str) -> bytes:
+        """{"error": message, "field": null}, on a line of its own after streamed text."""
+        body = error_body(RequestError(None, message, status=500))
+        return b"\n" + body + b"\n" if self.stream else body
