@@ -1,13 +1,15 @@
 """The GPU machine's check, in one run of a few minutes: environment, the CUDA tests, the benchmarks, one report.
 
     bash scripts/gpu_check.sh                 # on the GPU machine: writes $OUT/gpu_report.md and gpu_report.json
+    bash scripts/gpu_check.sh --steps bench --quantize int8 --budget 150   # a rerun of what did not finish
     bash scripts/gpu_check.sh --dry-run       # anywhere: the same steps on the CPU at tiny shapes (tests run it)
 
 Steps, each a subprocess under its own time limit inside one overall budget, most important first, so a slow
 compile costs the steps after it, never the report (rewritten after every step):
   1. environment: GPU, driver, torch, CUDA, the packages gpt-fast-serve needs and which the machine lacks;
-  2. `pytest -m cuda`: compiled (CUDA graphs) decode == eager for bf16/int8/int4, no recompiles after warm-up,
-     speculative == plain, prefix-cache hits == misses, int4 packing, 2-rank tensor parallelism (2 GPUs);
+  2. `pytest -m cuda` (tests/test_cuda.py): compiled (CUDA graphs) decode == eager for bf16/int8/int4, no
+     recompiles or new captures after warm-up, int4 packing, speculative == plain, prefix-cache hits == misses,
+     the serving loop, batch and kv buckets, 2-rank tensor parallelism (2 GPUs);
   3. scripts/bench.py at Llama 3.1 8B's shape, random weights, batch 1, compiled: bf16, int4-g128, int8, each
      against the measured device copy bandwidth (bytes read + written by a large copy);
   4. scripts/bench_speculative.py's GPU row (the bf16 target with its own int4 as draft, and prompt lookup).
@@ -103,7 +105,7 @@ def environment() -> dict:
     if shutil.which("nvidia-smi"):
         query = "name,driver_version,memory.total,clocks.max.sm,clocks.max.memory,power.limit"
         smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                             text=True)
+                             text=True, timeout=30)
         env["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     try:
         import torch
@@ -135,10 +137,16 @@ def installed(name: str) -> bool:
         return False
 
 
-def pytest_summary(junit: Path) -> dict:
-    """Counts, the tests that did not pass, skip reasons, and modules that could not be imported (collection)."""
+def pytest_summary(junit: Path, output: str) -> dict:
+    """Counts, the tests that did not pass, skip reasons, and modules that could not be imported (collection).
+    Without the junit file (pytest was stopped at its time limit), what the verbose output shows had finished."""
     if not junit.exists():
-        return {}
+        results = re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", output, re.M)
+        count = lambda outcome: sum(r == outcome for _, r in results)  # noqa: E731
+        return {"tests": len(results), "failures": count("FAILED"), "errors": count("ERROR"),
+                "skipped": count("SKIPPED"), "passed": count("PASSED"), "collection_errors": [], "skip_reasons": [],
+                "not_passed": [f"{name}: {r}" for name, r in results if r in ("FAILED", "ERROR")],
+                "stopped": "at the time limit: the tests after these did not run"}
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -182,6 +190,7 @@ def markdown(r: dict) -> str:
                       f"{p['skipped']} skipped"]
         lines += [f"- {x}" for x in p["not_passed"]]
         lines += [f"- not collected (missing here): {x}" for x in p["collection_errors"]]
+        lines += [f"- stopped {p['stopped']}"] if "stopped" in p else []
         lines += [f"- skipped: {x}" for x in p["skip_reasons"]]
     if r["bench"]:
         limit = r.get("bandwidth_limit_gbs") or 0
@@ -231,10 +240,11 @@ def main() -> None:
 
     if "pytest" in steps:
         junit = a.out / "pytest.xml"
-        status, _ = check.run("pytest -m cuda", [py, "-m", "pytest", "tests", "-m", "cuda", "-q", "-rs", "-p",
-                                                 "no:cacheprovider", "--continue-on-collection-errors",
-                                                 f"--junitxml={junit}"], cap=200)
-        check.report["pytest"] = summary = pytest_summary(junit)
+        junit.unlink(missing_ok=True)
+        status, output = check.run("pytest -m cuda", [py, "-m", "pytest", "tests", "-m", "cuda", "-v", "-rs", "-p",
+                                                      "no:cacheprovider", "--continue-on-collection-errors",
+                                                      f"--junitxml={junit}"], cap=180)
+        check.report["pytest"] = summary = pytest_summary(junit, output)
         if summary and not summary["not_passed"] and summary["collection_errors"]:
             # Test modules that import what this machine lacks: reported, not counted as failed CUDA tests.
             check.report["steps"][-1]["status"] = "ok (some modules not collected)"
@@ -252,7 +262,7 @@ def main() -> None:
         status, _ = check.run(f"bench {shape} {quant}", [py, "scripts/bench.py", "--shape", shape, "--device", device,
                                                          "--dtype", "bfloat16", "--quantize", quant, "--groupsize",
                                                          "128", "--no-hf", "--warmup", "used", "--json", str(path),
-                                                         *compiled], cap=120)
+                                                         *compiled], cap=100)
         if status == "ok":
             result = json.loads(path.read_text())
             check.report["bandwidth_limit_gbs"] = result["read_bandwidth_gbs"]

@@ -19,6 +19,8 @@ from gpt_fast.checkpoints.quantize import quantize_checkpoint
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.model import tp
+from gpt_fast.serving.config import HandlerConfig, build_engine
+from gpt_fast.serving.loop import ServingLoop
 from gpt_fast.text.tokenizer import load_tokenizer
 
 PROMPTS = ["The capital of France", "Once upon a time there was a little", "A",
@@ -109,16 +111,23 @@ def test_compiled_decode_equals_eager(device, weights, checkpoints, tokenizer, p
     assert_warm(engine, prompts, expected, captures)
 
 
-def test_batch_and_kv_buckets_do_not_recompile(device, checkpoints, tokenizer, prompts, captures):
-    """Batch buckets 1, 2, 4 and cache-length buckets 256, 320: decode crosses from one to the next."""
-    model = load_model(checkpoints["none"], device, torch.bfloat16)
-    long = (prompts[3] * 20)[:250]  # its decode reads past position 256
-    batch = [long] + prompts[:3]
-    expected = generate(Engine(model, tokenizer, max_batch_size=4, max_seq_len=320), batch)
-    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=320, compile=compiled(device))
-    assert engine.decode_buckets == [1, 2, 4] and engine.kv_buckets == [256, 320]
-    engine.warmup()
-    assert_warm(engine, batch, expected, captures)
+def test_int4_is_packed_from_the_device_neutral_file(device, checkpoints):
+    """The stored int4 codes (two per byte, high nibble first; w = (code - 8) * scale + zero per group) are what
+    the device's kernel multiplies by, once packed for it at load."""
+    neutral = torch.load(checkpoints["int4"] / "model.pth", weights_only=True)
+    model = load_model(checkpoints["int4"], device, torch.bfloat16)
+    torch.manual_seed(0)
+    for name in ("layers.0.attention.wqkv", "layers.1.feed_forward.w2", "output"):
+        layer = model.get_submodule(name)
+        pairs, groups = neutral[f"{name}.weight"], neutral[f"{name}.scales_and_zeros"]
+        codes = torch.stack([pairs >> 4, pairs & 15], dim=-1).flatten(1).float()
+        scales, zeros = (groups[..., i].float().t().repeat_interleave(32, dim=1) for i in (0, 1))
+        weight = ((codes - 8) * scales + zeros)[:, :layer.in_features]  # [out, in], the padding cut off
+        x = torch.randn(3, layer.in_features).to(torch.bfloat16)
+        expected = x.double() @ weight.double().t()
+        got = layer(x.to(device)).double().cpu()
+        assert got.shape == expected.shape
+        assert (got - expected).norm() / expected.norm() < 1e-2, name
 
 
 @pytest.mark.parametrize("mode", ["draft", "lookup"])
@@ -155,23 +164,35 @@ def test_prefix_cache_hits_equal_misses(device, checkpoints, tokenizer, prompts,
     assert compiled_graphs() == graphs and captures.count == recorded
 
 
-def test_int4_is_packed_from_the_device_neutral_file(device, checkpoints):
-    """The stored int4 codes (two per byte, high nibble first; w = (code - 8) * scale + zero per group) are what
-    the device's kernel multiplies by, once packed for it at load."""
-    neutral = torch.load(checkpoints["int4"] / "model.pth", weights_only=True)
-    model = load_model(checkpoints["int4"], device, torch.bfloat16)
-    torch.manual_seed(0)
-    for name in ("layers.0.attention.wqkv", "layers.1.feed_forward.w2", "output"):
-        layer = model.get_submodule(name)
-        pairs, groups = neutral[f"{name}.weight"], neutral[f"{name}.scales_and_zeros"]
-        codes = torch.stack([pairs >> 4, pairs & 15], dim=-1).flatten(1).float()
-        scales, zeros = (groups[..., i].float().t().repeat_interleave(32, dim=1) for i in (0, 1))
-        weight = ((codes - 8) * scales + zeros)[:, :layer.in_features]  # [out, in], the padding cut off
-        x = torch.randn(3, layer.in_features).to(torch.bfloat16)
-        expected = x.double() @ weight.double().t()
-        got = layer(x.to(device)).double().cpu()
-        assert got.shape == expected.shape
-        assert (got - expected).norm() / expected.norm() < 1e-2, name
+def test_serving_loop_on_the_device(device, tiny_checkpoint, tokenizer, prompts, captures):
+    """The handler's path without TorchServe: the engine built from a handler config on its own thread (CUDA graphs
+    are recorded per thread), warmed up there, then streamed requests: the text eager decoding gives."""
+    from test_serving import run  # noqa: PLC0415 (drives the loop as TorchServe does)
+    config = HandlerConfig.from_dict({"checkpoint": str(tiny_checkpoint), "device": device.type, "compile":
+                                      compiled(device), "max_batch_size": 2, "max_seq_len": 64}, 2)
+    loop = ServingLoop(lambda: build_engine(config, tiny_checkpoint, 0 if device.type == "cuda" else None),
+                       config.default_params())
+    loop.warmup()
+    graphs, recorded = compiled_graphs(), captures.count
+    model = load_model(tiny_checkpoint, device, torch.bfloat16)
+    expected = [c.text for c in Engine(model, tokenizer, 2, 64).generate(prompts, GREEDY)]
+    # The tiny model never emits its end-of-text token: every request runs to max_new_tokens.
+    bodies = {f"r{i}": {"prompt": p, "max_new_tokens": GREEDY.max_new_tokens} for i, p in enumerate(PROMPTS)}
+    replies = run(loop, bodies)
+    assert [b"".join(r.body for r in replies[rid]).decode() for rid in bodies] == expected
+    assert compiled_graphs() == graphs and captures.count == recorded
+
+
+def test_batch_and_kv_buckets_do_not_recompile(device, checkpoints, tokenizer, prompts, captures):
+    """Batch buckets 1, 2, 4 and cache-length buckets 256, 320: decode crosses from one to the next."""
+    model = load_model(checkpoints["none"], device, torch.bfloat16)
+    long = (prompts[3] * 20)[:250]  # its decode reads past position 256
+    batch = [long] + prompts[:3]
+    expected = generate(Engine(model, tokenizer, max_batch_size=4, max_seq_len=320), batch)
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=320, compile=compiled(device))
+    assert engine.decode_buckets == [1, 2, 4] and engine.kv_buckets == [256, 320]
+    engine.warmup()
+    assert_warm(engine, batch, expected, captures)
 
 
 def tp_rank(rank: int, world: int, port: int, device: str, checkpoint: str, out: str) -> None:
