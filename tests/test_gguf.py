@@ -23,7 +23,6 @@ from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.model.args import ModelArgs
 from gpt_fast.model.layers import rope_inv_freq
-from gpt_fast.text.tokenizer import Tokenizer as EngineTokenizer
 from gpt_fast.text.tokenizer import load_tokenizer
 
 CORPUS = ["Hello world", " leading space", "In 2024, 12345 people paid $3.50.", "Ünïcödé façade naïve",
@@ -78,10 +77,11 @@ def spm_vocab(path: Path) -> tuple[list[str], list[float], list[int]]:
             types)
 
 
-def write_tiny_gguf(checkpoint: Path, path: Path, architecture: str = "llama",
-                    override: dict[str, Q] = {}) -> dict[str, tuple[Q, torch.Tensor]]:
-    """The tiny model as a llama.cpp file: its sentencepiece vocabulary, q/k in llama.cpp's order, the 2-D tensors
-    quantized to each ROUND_TRIP type in turn (override: name -> type). Returns our name -> (type, original)."""
+def write_tiny_gguf(checkpoint: Path, path: Path, architecture: str = "llama", override: dict[str, Q] = {},
+                    weight_types: tuple[Q, ...] = tuple(ROUND_TRIP)) -> dict[str, tuple[Q, torch.Tensor]]:
+    """A checkpoint as a llama.cpp file: its sentencepiece vocabulary, q/k in llama.cpp's order (llama; qwen2 keeps
+    Hugging Face's), the 2-D tensors stored as each of `weight_types` in turn (override: name -> type). Returns
+    llama.cpp's name -> (type, original)."""
     args = ModelArgs.load(checkpoint / "config.json")
     state = torch.load(checkpoint / "model.pth", weights_only=True)
     w = gguf.GGUFWriter(str(path), architecture)
@@ -105,19 +105,21 @@ def write_tiny_gguf(checkpoint: Path, path: Path, architecture: str = "llama",
     w.add_add_bos_token(True)
     w.add_chat_template("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
 
-    written, cycle = {}, iter(list(ROUND_TRIP) * 100)
+    written, cycle = {}, iter(list(weight_types) * 100)
     q_rows, kv_rows = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
     for name, tensor in state.items():
         prefix, local = split_name(name)
-        if local == "attention.wqkv.weight":
+        if local.startswith("attention.wqkv."):
+            kind = local.rsplit(".", 1)[1]  # weight or bias
             q, k, v = tensor.split([q_rows, kv_rows, kv_rows])
-            parts = {"attn_q.weight": llama_cpp_permute(q, args.n_head),
-                     "attn_k.weight": llama_cpp_permute(k, args.n_kv_heads), "attn_v.weight": v}
+            if architecture == "llama":
+                q, k = llama_cpp_permute(q, args.n_head), llama_cpp_permute(k, args.n_kv_heads)
+            parts = {f"attn_q.{kind}": q, f"attn_k.{kind}": k, f"attn_v.{kind}": v}
         else:
             parts = {GGUF_NAMES[local]: tensor}
         for gguf_local, part in parts.items():
             kind = Q.F32 if part.ndim == 1 else next(cycle)
-            if part.ndim == 2 and part.shape[1] % 32 and kind not in (Q.F16, Q.BF16):
+            if part.ndim == 2 and part.shape[1] % 32 and kind not in (Q.F32, Q.F16, Q.BF16):
                 kind = Q.F16  # block types need rows of whole 32-blocks (w2's 344 inputs are not)
             kind = override.get(prefix + gguf_local, kind)
             w.add_tensor(prefix + gguf_local, gguf_bytes(part, kind), raw_dtype=kind)
@@ -314,7 +316,7 @@ def test_unsupported_files_are_refused_by_name(tiny_checkpoint: Path, tmp_path: 
 
     path = tmp_path / "arch.gguf"
     write_tiny_gguf(tiny_checkpoint, path, architecture="mamba")
-    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'mamba' \(supported: llama\)"):
+    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'mamba' \(supported: llama, qwen2\)"):
         convert_gguf(path, tmp_path / "out")
 
     path = tmp_path / "type.gguf"
@@ -346,23 +348,6 @@ def smollm2_reference(smollm2_gguf: Path):
     return tokenizer, model
 
 
-class JsonTokenizer(EngineTokenizer):
-    """What the engine needs of tokenizer.json (until gpt_fast.text loads it): stop ids, encode, decode."""
-
-    def __init__(self, checkpoint: Path):
-        self.backend = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-        generation = json.loads((checkpoint / "generation_config.json").read_text())
-        self.bos_id, self.eos_id = generation["bos_token_id"], generation["eos_token_id"][0]
-        self.stop_ids = frozenset(generation["eos_token_id"])
-        self.vocab_size = self.backend.get_vocab_size()
-
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=True)
-
-
 def test_smollm2_converts_with_its_tokenizer(smollm2_checkpoint: Path, smollm2_reference) -> None:
     reference, _ = smollm2_reference
     args = ModelArgs.load(smollm2_checkpoint / "config.json")
@@ -378,9 +363,13 @@ def test_smollm2_converts_with_its_tokenizer(smollm2_checkpoint: Path, smollm2_r
     config = json.loads((smollm2_checkpoint / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<|im_start|>", "<|im_end|>",
                                                                                   False)
+    tokenizer = load_tokenizer(smollm2_checkpoint)
+    assert not tokenizer.add_bos and tokenizer.stop_ids == {2}
     for chat in CHATS:
         assert auto.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
             reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert tokenizer.encode_chat(chat) == reference.apply_chat_template(chat, add_generation_prompt=True,
+                                                                            tokenize=True, return_dict=False)
 
 
 def test_smollm2_greedy_matches_transformers(smollm2_checkpoint: Path, smollm2_reference) -> None:
@@ -396,7 +385,7 @@ def test_smollm2_greedy_matches_transformers(smollm2_checkpoint: Path, smollm2_r
                               eos_token_id=end_of_turn)[0, len(prompt):].tolist()
             expected.append(out[:out.index(end_of_turn) + 1] if end_of_turn in out else out)
     model = load_model(smollm2_checkpoint, device="cpu", dtype=torch.float32)
-    engine = Engine(model, JsonTokenizer(smollm2_checkpoint), max_batch_size=4, max_seq_len=256)
+    engine = Engine(model, load_tokenizer(smollm2_checkpoint), max_batch_size=4, max_seq_len=256)
     got = [c.tokens for c in engine.generate(prompts, SamplingParams(max_new_tokens=48, temperature=0.0))]
     assert got == expected
     assert reference.decode(got[0], skip_special_tokens=True).startswith("The capital of France is Paris")
