@@ -282,6 +282,7 @@ def main() -> None:
     failed = [s["name"] for s in check.report["steps"] if not s["status"].startswith("ok")]
     if failed:
         sys.exit(f"gpu_check: not clean: {', '.join(failed)} (see gpu_report.md)")
+    check.say("gpu_check: all ok")
 
 
 if __name__ == "__main__":
