@@ -3,7 +3,7 @@
 The engine runs two kinds of call: row-aligned steps, where batch row b is slot b (decode, speculative
 verification, draft proposals), and single-slot prefill chunks. The target and a draft model each get a runner.
 """
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -40,17 +40,25 @@ def bucket(buckets: Sequence[int], n: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, compile: bool = False):
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, compile: bool = False,
+                 vocab_size: Optional[int] = None):
+        """vocab_size: the logits returned are those of ids 0..vocab_size-1 (the tokenizer's; a model may have
+        padding rows beyond them, which must never be sampled); None keeps every row."""
         model.setup_caches(max_batch_size, max_seq_len)
         self.model = model.requires_grad_(False)  # compiled graphs of parameters that require grad save activations
         self.device = model.tok_embeddings.weight.device
+        self.vocab_size = min(vocab_size or model.args.vocab_size, model.args.vocab_size)
         self.prefill_buckets = prefill_buckets(max_seq_len)
-        self._rows, self._slot = self._rows_logits, model
+        self._rows, self._slot = self._rows_logits, self._slot_logits
         if compile:
             self._compile()
 
+    # The slices are views: samplers, speculative verification and drafts simply never see the padding ids.
     def _rows_logits(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
-        return self.model(tokens, positions, kv_len=kv_len)
+        return self.model(tokens, positions, kv_len=kv_len)[..., :self.vocab_size]
+
+    def _slot_logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, logit_index: Tensor) -> Tensor:
+        return self.model(tokens, positions, slots, logit_index)[..., :self.vocab_size]
 
     def _compile(self) -> None:
         cuda = self.device.type == "cuda"
@@ -69,7 +77,7 @@ class ModelRunner:
 
         self._rows = with_settings(torch.compile(self._rows_logits, mode="reduce-overhead" if cuda else None,
                                                  fullgraph=True, dynamic=False))
-        self._slot = with_settings(torch.compile(self.model, fullgraph=True, dynamic=False))
+        self._slot = with_settings(torch.compile(self._slot_logits, fullgraph=True, dynamic=False))
 
     def rows(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
         """tokens, positions [B, T] for slots 0..B-1, every position below kv_len -> logits [B, T, V]."""
