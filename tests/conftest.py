@@ -64,6 +64,11 @@ def parts(tiny_checkpoint):
     return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skips without one); `pytest -m cuda` runs them "
+                                       "(scripts/gpu_check.sh)")
+
+
 @pytest.fixture(scope="session")
 def chat_checkpoint(tiny_checkpoint, tmp_path_factory):
     """The tiny model's weights with a tokenizer.json tokenizer (byte-level BPE, ChatML template): a "huggingface"
