@@ -33,6 +33,7 @@ def test_chat_streamed_equals_non_streamed_equals_engine(smollm2_server, expecte
     assert "Paris" in expected.text
     assert answer["finish_reason"] == expected.finish_reason == "stop"  # the turn ended with <|im_end|>
     assert answer["usage"]["prompt_tokens"] == expected.prompt_tokens
+    assert answer["usage"]["cached_tokens"] > 0  # the second ask prefilled from the prefix cache: the same text
     assert answer["usage"]["completion_tokens"] == len(expected.tokens) < MAX_NEW_TOKENS
 
 
