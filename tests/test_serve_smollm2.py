@@ -19,6 +19,7 @@ def expected(smollm2_checkpoint, smollm2_server) -> Completion:
     card = smollm2_server.post(b"", path="models/gpt-fast").json()
     model = load_model(smollm2_checkpoint, device="cpu")
     tokenizer = load_tokenizer(smollm2_checkpoint, model.args.tokenizer, model.args.stop_token_ids)
+    # batchSize 8 as in model_config_cpu.yaml: the same slot count, so the same decode shapes.
     engine = Engine(model, tokenizer, max_batch_size=8, max_seq_len=card["max_model_len"])
     return engine.generate([tokenizer.encode_chat(QUESTION)], SamplingParams(max_new_tokens=MAX_NEW_TOKENS))[0]
 
