@@ -55,10 +55,10 @@ SPECULATIVE_CONFIG = MODEL_CONFIG + """\
 
 
 def served(checkpoint: Path, run_dir: Path, request, configs: dict[str, str],
-           checkpoints: Optional[dict[str, Path]] = None) -> Iterator[LocalServer]:
+           checkpoints: Optional[dict[str, Path]] = None, in_place: bool = False) -> Iterator[LocalServer]:
     """A module fixture's body: the checkpoint (or `checkpoints[name]`) served under each name with its model_config
-    text (the first is the server's own name); stopped at the end, its logs printed when it failed to start or a
-    test failed."""
+    text (the first is the server's own name; in_place: archive.sh --no-archive); stopped at the end, its logs
+    printed when it failed to start or a test failed."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java (scripts/setup.sh installs it)")
     paths = []
@@ -69,7 +69,7 @@ def served(checkpoint: Path, run_dir: Path, request, configs: dict[str, str],
     failed_before, up = request.session.testsfailed, False
     try:
         for name, path in paths:
-            srv.archive((checkpoints or {}).get(name, checkpoint), path, name)
+            srv.archive((checkpoints or {}).get(name, checkpoint), path, name, in_place)
         srv.start()
         up = True
         yield srv
