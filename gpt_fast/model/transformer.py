@@ -163,6 +163,16 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _run_layer(layer: TransformerBlock, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Optional[Tensor],
+               write_pos: Tensor) -> Tensor:
+    return layer(x, cos, sin, mask, slots, write_pos)
+
+
+# Under torch.compile the layers then share one compiled graph, called once per layer (hierarchical compilation):
+# compile time no longer grows with the number of layers. In eager it is a plain call.
+_run_layer_compiled_once = torch.compiler.nested_compile_region(_run_layer)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -173,6 +183,7 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.compile_layers_once = False  # set by the runner that compiles the model (engine/runner.py)
 
     def tie_weights(self) -> None:
         if self.args.tie_embeddings:
@@ -212,8 +223,9 @@ class Transformer(nn.Module):
         # 2 x n_layer additions rounded to bf16 were most of a bf16 model's distance from its fp32 logits (half of
         # it on SmolLM2, issue 13), for a few KB per token.
         x = self.tok_embeddings(tokens).float()
+        run_layer = _run_layer_compiled_once if self.compile_layers_once else _run_layer
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, slots, write_pos)
+            x = run_layer(layer, x, cos, sin, mask, slots, write_pos)
         if logit_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logit_index]
         return self.logits(self.norm(x))
