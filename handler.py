@@ -3,7 +3,8 @@
 model_config.yaml sets `continuousBatching: true`, so every handle() call is one engine step for all
 in-flight requests: new ones carry their body, ones already seen arrive as {}, and a client that went away
 simply stops appearing. Each call returns one item per request; TorchServe sends it as the next HTTP chunk
-of that request's response, and `ctx.stopping_criteria` tells it which responses are complete.
+of that request's response, and `ctx.stopping_criteria` tells it which responses are complete. The URL's rest
+after /predictions/<model>/<version>/ (TorchServe's `url_path` header, e.g. v1/chat/completions) picks the API.
 """
 import logging
 import os
@@ -39,7 +40,7 @@ class GptFastHandler:
         props = ctx.system_properties
         config = HandlerConfig.from_dict(ctx.model_yaml_config.get("handler"), props["batch_size"])
         self.loop = ServingLoop(lambda: build_engine(config, props["model_dir"], props.get("gpu_id")),
-                                config.default_params(), _emitter(ctx))
+                                config.default_params(), _emitter(ctx), model_name=ctx.model_name)
         start = time.perf_counter()
         self.loop.warmup()  # compiles every shape now, so the first request is as fast as the tenth
         engine, cache_hits = self.loop.engine, torch._dynamo.utils.counters["inductor"]
@@ -50,7 +51,8 @@ class GptFastHandler:
                     cache_hits["fxgraph_cache_miss"], engine.prefix_cache.num_blocks if engine.prefix_cache else 0)
 
     def handle(self, data: list[dict], ctx) -> list[bytes]:
-        batch = [(ctx.request_ids[i], _body(item)) for i, item in enumerate(data)]
+        batch = [(ctx.request_ids[i], _body(item), ctx.get_request_header(i, "url_path") or "")
+                 for i, item in enumerate(data)]
         replies = self.loop.step(batch)
         for i, reply in enumerate(replies):
             if reply.first:  # only the first reply's status and headers reach the client

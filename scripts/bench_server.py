@@ -5,7 +5,8 @@
     python scripts/bench_server.py --checkpoint checkpoints/Llama-3.1-8B-Instruct --config model_config.yaml
 
 Reports time to first token and tokens/s of one stream (server vs in-process engine, same settings),
-aggregate tokens/s with 1, 4 and 8 concurrent streams, time to first token of a ~1000-token prompt whose
+aggregate tokens/s with 1, 4 and 8 concurrent streams, each through /predictions and through the OpenAI API's
+streamed v1/completions (server-sent events; raw HTTP, so no client-side parsing is timed), interleaved, time to first token of a ~1000-token prompt whose
 first ~900 tokens are a cached prefix vs one with no cached prefix (the handler config's prefix_cache_mb), and
 the time from `serve.sh start` to the first streamed token of a first start (empty compile cache) and a
 second start (the compile cache the first one filled). Greedy, fixed prompts, so every run generates the
@@ -58,11 +59,19 @@ def random_checkpoint(shape: str, out: Path) -> Path:
     return path
 
 
-def stream_one(server: LocalServer, prompt: str, new_tokens: int) -> tuple[float, float, float]:
-    """(start, first text chunk, end) wall times of one streamed request."""
+NATIVE, OPENAI = "/predictions", "OpenAI SSE"
+
+
+def stream_one(server: LocalServer, prompt: str, new_tokens: int, api: str = NATIVE) -> tuple[float, float, float]:
+    """(start, first text chunk, end) wall times of one streamed greedy request through `api`."""
+    if api == NATIVE:
+        body, path = {"prompt": prompt, "max_new_tokens": new_tokens}, ""
+    else:
+        body = {"model": server.name, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+        path = "completions"
     start = time.perf_counter()
     first = None
-    with server.post({"prompt": prompt, "max_new_tokens": new_tokens}, stream=True) as r:
+    with server.post(body, path=path, stream=True) as r:
         r.raise_for_status()
         for chunk in r.iter_content(chunk_size=None):
             if chunk and first is None:
@@ -71,14 +80,14 @@ def stream_one(server: LocalServer, prompt: str, new_tokens: int) -> tuple[float
 
 
 def concurrent(server: LocalServer, clients: int, per_client: int, new_tokens: int,
-               counts: dict[str, int]) -> float:
+               counts: dict[str, int], api: str = NATIVE) -> float:
     """Aggregate generated tokens/s with `clients` streams open at once."""
     tokens = [0] * clients
 
     def client(c: int) -> None:
         for i in range(per_client):
             prompt = PROMPTS[(c + i * clients) % len(PROMPTS)]
-            stream_one(server, prompt, new_tokens)
+            stream_one(server, prompt, new_tokens, api)
             tokens[c] += counts[prompt]
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -135,6 +144,16 @@ def server_prefix_ttft(server: LocalServer, tokenizer) -> dict:
         usage = server.post({"prompt": prompts[-1], "max_new_tokens": 1, "stream": False}).json()["usage"]
         result[f"{name}_tokens"] = (usage["prompt_tokens"], usage["cached_tokens"])
     return result
+
+
+def check_openai_counts(server: LocalServer, counts: dict[str, int], new_tokens: int) -> None:
+    """The OpenAI API generates the same tokens for the same greedy prompts (so the token counts serve both)."""
+    for prompt, count in counts.items():
+        body = {"model": server.name, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0}
+        usage = server.post(body, path="completions").json()["usage"]
+        if usage["completion_tokens"] != count:
+            raise RuntimeError(f"{prompt!r}: {usage['completion_tokens']} tokens through the OpenAI API, {count} "
+                               "through /predictions")
 
 
 def call_times(server: LocalServer) -> tuple[float, float]:
@@ -217,16 +236,23 @@ def main() -> None:
     try:
         counts = {p: server.post({"prompt": p, "max_new_tokens": a.new_tokens, "stream": False})
                   .json()["usage"]["completion_tokens"] for p in PROMPTS}
+        check_openai_counts(server, counts, a.new_tokens)
         # One stream: engine and server requests alternate (the idle one takes no CPU), so drift in what the
-        # machine gives (other tenants, memory bandwidth) hits both alike.
-        engines, servers = [], []
+        # machine gives (other tenants, memory bandwidth) hits both alike; so do the two APIs.
+        engines, servers, openai = [], [], []
         for prompt in PROMPTS[:3] * 3:
             engines.append(engine_one(engine, prompt, a.new_tokens))
-            start, first, end = stream_one(server, prompt, a.new_tokens)
-            servers.append((first - start, (counts[prompt] - 1) / (end - first)))
-        (ttft_engine, tps_engine), (ttft_server, tps_server) = (
-            [statistics.median(column) for column in zip(*runs)] for runs in (engines, servers))
-        aggregate = {c: concurrent(server, c, 2, a.new_tokens, counts) for c in a.concurrency}
+            for api, runs in ((NATIVE, servers), (OPENAI, openai)):
+                start, first, end = stream_one(server, prompt, a.new_tokens, api)
+                runs.append((first - start, (counts[prompt] - 1) / (end - first)))
+        (ttft_engine, tps_engine), (ttft_server, tps_server), (ttft_openai, tps_openai) = (
+            [statistics.median(column) for column in zip(*runs)] for runs in (engines, servers, openai))
+        # Concurrent streams: the two APIs alternate at each level, twice (A B B A), medians of the two.
+        rounds = {(c, api): [] for c in a.concurrency for api in (NATIVE, OPENAI)}
+        for c in a.concurrency:
+            for api in (NATIVE, OPENAI, OPENAI, NATIVE):
+                rounds[c, api].append(concurrent(server, c, 2, a.new_tokens, counts, api))
+        aggregate = {key: statistics.median(runs) for key, runs in rounds.items()}
         prefix_server = server_prefix_ttft(server, engine.tokenizer)
         handler_ms, frontend_ms = call_times(server)
         load["server runs"] = os.getloadavg()
@@ -243,9 +269,14 @@ def main() -> None:
     print("| measure | in-process engine | TorchServe | server / engine |\n|---|---|---|---|")
     print(f"| TTFT, 1 stream (ms) | {ttft_engine * 1e3:.1f} | {ttft_server * 1e3:.1f} | |")
     print(f"| tokens/s, 1 stream | {tps_engine:.1f} | {tps_server:.1f} | {tps_server / tps_engine:.2f} |")
-    for c, tps in aggregate.items():
-        print(f"| aggregate tokens/s, {c} streams | | {tps:.1f} | {tps / aggregate[a.concurrency[0]]:.2f}x of "
-              f"{a.concurrency[0]} stream(s) |")
+    print(f"| TTFT, 1 stream, {OPENAI} (ms) | | {ttft_openai * 1e3:.1f} | {ttft_openai / ttft_server:.2f}x of "
+          f"{NATIVE} |")
+    print(f"| tokens/s, 1 stream, {OPENAI} | | {tps_openai:.1f} | {tps_openai / tps_server:.2f}x of {NATIVE} |")
+    base = aggregate[a.concurrency[0], NATIVE]
+    for (c, api), tps in aggregate.items():
+        print(f"| aggregate tokens/s, {c} streams, {api} | | {tps:.1f} | {tps / base:.2f}x of "
+              f"{a.concurrency[0]} stream(s) {NATIVE}"
+              + (f"; {tps / aggregate[c, NATIVE]:.2f}x of {NATIVE}" if api == OPENAI else "") + " |")
     for label, key in (("no cached prefix", "uncached"), ("cached prefix", "cached")):
         (pe, ce), (ps, cs) = prefix_engine[f"{key}_tokens"], prefix_server[f"{key}_tokens"]
         print(f"| TTFT ms, {label} (prompt/cached tokens {pe}/{ce} engine, {ps}/{cs} server) | "
@@ -264,7 +295,11 @@ def main() -> None:
                                   "load": load, "call_ms": {"handler": handler_ms, "frontend": frontend_ms},
                                   "server": {"ttft_s": ttft_server, "tokens_per_s": tps_server,
                                              "start_to_first_token_s": [first_start, second_start],
-                                             "aggregate_tokens_per_s": aggregate}}, indent=2))
+                                             "aggregate_tokens_per_s": {c: aggregate[c, NATIVE]
+                                                                        for c in a.concurrency}},
+                                  "openai": {"ttft_s": ttft_openai, "tokens_per_s": tps_openai,
+                                             "aggregate_tokens_per_s": {c: aggregate[c, OPENAI]
+                                                                        for c in a.concurrency}}}, indent=2))
     print(f"wrote {a.json}")
 
 

@@ -28,6 +28,7 @@ class LocalServer:
         self.run_dir, self.name = Path(run_dir), name
         self.predictions = f"http://127.0.0.1:{ports[0]}/predictions"
         self.url = f"{self.predictions}/{name}"
+        self.openai_url = f"{self.url}/1.0/v1"  # the OpenAI-compatible API's base URL (archive.sh's version 1.0)
         self.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
         self.env = {"GFS_RUN_DIR": str(run_dir), "GFS_MODEL_STORE": str(self.run_dir / "model_store"),
                     "GFS_START_TIMEOUT": str(start_timeout)}
@@ -63,9 +64,10 @@ class LocalServer:
         key = json.loads((self.run_dir / "key_file.json").read_text())["inference"]["key"]
         return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
-    def post(self, body, model: Optional[str] = None, **kw) -> requests.Response:
+    def post(self, body, model: Optional[str] = None, path: str = "", **kw) -> requests.Response:
+        """POST to /predictions/<model or ours>, or to `path` (e.g. "completions") under the OpenAI API's base."""
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        url = f"{self.predictions}/{model}" if model else self.url
+        url = f"{self.openai_url}/{path}" if path else f"{self.predictions}/{model}" if model else self.url
         return requests.post(url, data=data, headers=kw.pop("headers", self.headers), timeout=300, **kw)
 
     def log(self, name: str) -> str:

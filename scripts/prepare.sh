@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Make a servable checkpoint: scripts/prepare.sh REPO_ID_OR_LOCAL_DIR [--quantize int8|int4 [--groupsize N]]
+# Make a servable checkpoint: scripts/prepare.sh REPO_ID_OR_LOCAL_DIR_OR_GGUF [--quantize int8|int4 [--groupsize N]]
 #   meta-llama/Llama-3.1-8B-Instruct -> downloads into checkpoints/Llama-3.1-8B-Instruct/hf/, converts into
-#   checkpoints/Llama-3.1-8B-Instruct/. A local Hugging Face directory is converted in place of the download.
+#   checkpoints/Llama-3.1-8B-Instruct/. A local Hugging Face directory is converted in place of the download,
+#   and so is a local GGUF file: model.Q4_K_M.gguf -> checkpoints/model.Q4_K_M/ (dequantized to bf16).
 #   --quantize also writes a quantized copy beside it: checkpoints/Llama-3.1-8B-Instruct-int8/ (or -int4-g128/).
 set -euo pipefail
 
-usage="usage: $0 REPO_ID_OR_LOCAL_DIR [--quantize int8|int4 [--groupsize 32|64|128|256]]"
+usage="usage: $0 REPO_ID_OR_LOCAL_DIR_OR_GGUF [--quantize int8|int4 [--groupsize 32|64|128|256]]"
 if [[ $# -lt 1 ]]; then
     echo "$usage" >&2
     exit 2
@@ -31,23 +32,26 @@ case $mode/$groupsize in
     *) echo "bad quantization: --quantize '$mode' --groupsize '$groupsize'" >&2; echo "$usage" >&2; exit 2 ;;
 esac
 
-if [[ -d $src ]]; then
-    hf_dir=$(cd "$src" && pwd)
-    name=$(basename "$hf_dir")
+if [[ -f $src && $src == *.gguf ]]; then
+    input=$(cd "$(dirname "$src")" && pwd)/$(basename "$src")
+    name=$(basename "$src" .gguf)
+elif [[ -d $src ]]; then
+    input=$(cd "$src" && pwd)
+    name=$(basename "$input")
     # Re-preparing checkpoints/<name>/hf should land in checkpoints/<name>, not checkpoints/hf.
-    [[ $name == hf ]] && name=$(basename "$(dirname "$hf_dir")")
+    [[ $name == hf ]] && name=$(basename "$(dirname "$input")")
 else
     name=${src##*/}
-    hf_dir=""
+    input=""
 fi
 
 cd "$(dirname "$0")/.."
 out=checkpoints/$name
-if [[ -z $hf_dir ]]; then
-    hf_dir=$out/hf
-    python -m gpt_fast.download "$src" "$hf_dir"
+if [[ -z $input ]]; then
+    input=$out/hf
+    python -m gpt_fast.download "$src" "$input"
 fi
-python -m gpt_fast.convert "$hf_dir" "$out"
+python -m gpt_fast.convert "$input" "$out"
 echo "ready: $out"
 if [[ -n $mode ]]; then
     python -m gpt_fast.quantize "$out" --mode "$mode" ${groupsize:+--groupsize "$groupsize"}

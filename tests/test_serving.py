@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from gpt_fast.checkpoints.load import load_model
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.serving import metrics
@@ -12,7 +11,6 @@ from gpt_fast.serving.config import HandlerConfig
 from gpt_fast.serving.fields import RequestError
 from gpt_fast.serving.loop import Reply, ServingLoop
 from gpt_fast.serving.protocol import JSON, TEXT, error_body, parse_request
-from gpt_fast.text.tokenizer import load_tokenizer
 
 DEFAULTS = SamplingParams(max_new_tokens=16)
 
@@ -76,12 +74,6 @@ def test_parse_request_errors_name_the_field():
     assert not parse_request({"prompt": "hi", "speculate": False}, DEFAULTS, max_seq_len=64).params.speculate
 
 
-@pytest.fixture(scope="module")
-def parts(tiny_checkpoint):
-    model = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
-    return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)
-
-
 def make_loop(parts, max_batch_size=4, prefix_cache_bytes=0, values=False):
     """The loop and the metric events it emits: (name, labels), or (name, value, labels) with values=True."""
     model, tokenizer = parts
@@ -96,11 +88,11 @@ def make_loop(parts, max_batch_size=4, prefix_cache_bytes=0, values=False):
 def run(loop, bodies: dict) -> dict:
     """Drive the loop as TorchServe does (bodies first, then None) until every request has finished."""
     replies = {rid: [] for rid in bodies}
-    batch = list(bodies.items())
+    batch = [(rid, body, "") for rid, body in bodies.items()]
     while batch:
-        for (rid, _), reply in zip(batch, loop.step(batch)):
+        for (rid, _, _), reply in zip(batch, loop.step(batch)):
             replies[rid].append(reply)
-        batch = [(rid, None) for rid, _ in batch if not replies[rid][-1].finished]
+        batch = [(rid, None, path) for rid, _, path in batch if not replies[rid][-1].finished]
     return replies
 
 
@@ -112,12 +104,14 @@ def test_loop_streams_answers_and_rejects_alone(parts):
                          "one": {"prompt": "The capital", "max_new_tokens": 1},
                          "bad": {"prompt": "The capital", "top_p": 2}})
     expected = engine.generate([engine.tokenizer.encode("The capital")], SamplingParams(max_new_tokens=5))[0]
-    # The first reply (HTTP headers) is empty: the step it starts is collected by the next call.
-    assert [(r.first, r.body == b"") for r in replies["s"]] == [(True, True)] + [(False, False)] * 5
+    # The first reply (HTTP headers) is empty: the step it starts is collected by the next call. Then one reply per
+    # step, or fewer when the engine thread ran several steps before the next call (a loaded machine).
+    first, *rest = [(r.first, r.body == b"") for r in replies["s"]]
+    assert first == (True, True) and rest == [(False, False)] * len(rest) and 1 <= len(rest) <= 5
     assert b"".join(r.body for r in replies["s"]).decode() == expected.text
     assert replies["s"][0].content_type == TEXT and all(r.status == 200 for r in replies["s"])
     # stream: false sends nothing visible until the whole answer.
-    assert [r.body for r in replies["n"][:-1]] == [b""] * 5 and replies["n"][0].content_type == JSON
+    assert all(r.body == b"" for r in replies["n"][:-1]) and replies["n"][0].content_type == JSON
     assert json.loads(replies["n"][-1].body) == {"text": expected.text, "finish_reason": "length",
                                                  "usage": {"prompt_tokens": 3, "completion_tokens": 5,
                                                            "cached_tokens": 0}}
@@ -136,13 +130,13 @@ def test_loop_streams_answers_and_rejects_alone(parts):
 def test_loop_cancels_vanished_requests_and_queues_beyond_its_slots(parts):
     loop, events = make_loop(parts, max_batch_size=1)
     body = {"prompt": "Once upon a time", "max_new_tokens": 30}
-    loop.step([("a", body), ("b", body)])
-    second = loop.step([("a", None), ("b", None)])
+    loop.step([("a", body, ""), ("b", body, "")])
+    second = loop.step([("a", None, ""), ("b", None, "")])
     assert second[0].body and second[1] == Reply(b"", False, False)  # b waits for a's slot
-    loop.step([("b", None)])  # a's client went away
+    loop.step([("b", None, "")])  # a's client went away
     assert set(loop.tracked) == {"b"} and loop.engine.num_active == 1
     assert ("gpt_fast_requests_finished_total", {"reason": "cancelled"}) in events
-    assert loop.step([("b", None)])[0].body  # b got the slot
+    assert loop.step([("b", None, "")])[0].body  # b got the slot
 
 
 def test_loop_frees_every_slot_when_the_engine_fails(parts, monkeypatch):
@@ -156,11 +150,11 @@ def test_loop_frees_every_slot_when_the_engine_fails(parts, monkeypatch):
         return engine_step()
 
     monkeypatch.setattr(loop.engine, "step", third_step_fails)
-    loop.step([("a", {"prompt": "x"})])
-    loop.step([("a", None)])
-    loop.step([("a", None), ("b", {"prompt": "y"})])  # starts the failing step
+    loop.step([("a", {"prompt": "x"}, "")])
+    loop.step([("a", None, "")])
+    loop.step([("a", None, ""), ("b", {"prompt": "y"}, "")])  # starts the failing step
     with pytest.raises(RuntimeError, match="device lost"):
-        loop.step([("a", None), ("b", None)])
+        loop.step([("a", None, ""), ("b", None, "")])
     assert not loop.tracked and loop.engine.num_active == 0
 
 

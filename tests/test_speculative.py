@@ -98,6 +98,28 @@ def test_opted_out_request_decodes_plainly(target, tokenizer):
     assert on.tokens == off.tokens and on.draft_tokens > 0 and off.draft_tokens == 0
 
 
+def test_logprobs_and_penalties_under_speculation(target, tokenizer, tiny_checkpoint):
+    """Logprobs come from the verify pass's logits; a penalized request decodes plainly beside drafting ones."""
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    params = [SamplingParams(max_new_tokens=40, ignore_eos=True, logprobs=2),
+              SamplingParams(max_new_tokens=40, ignore_eos=True, presence_penalty=2.0, frequency_penalty=2.0),
+              SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=1.0, seed=5, logprobs=1)]
+    plain = Engine(target, tokenizer, 4, 256).generate(prompts[:2], params[:2])
+    spec = engine_for("draft", target, tokenizer, agreeing_draft(tiny_checkpoint)).generate(prompts, params)
+    assert [c.tokens for c in spec[:2]] == [c.tokens for c in plain]
+    assert spec[0].draft_tokens > 0 and spec[1].draft_tokens == 0 and spec[2].draft_tokens > 0
+    target.setup_caches(1, 256)
+    for prompt, out in ((prompts[0], spec[0]), (prompts[2], spec[2])):
+        seq = prompt + out.tokens
+        logp = torch.log_softmax(target(torch.tensor([seq]), torch.arange(len(seq))[None], torch.tensor([0]))[0], -1)
+        expected = logp[len(prompt) - 1:-1]
+        assert [lp.token_id for lp in out.logprobs] == out.tokens
+        assert [lp.logprob for lp in out.logprobs] == pytest.approx(
+            expected.gather(-1, torch.tensor(out.tokens)[:, None])[:, 0].tolist(), abs=1e-4)
+        n = len(out.logprobs[0].top)
+        assert [[t for t, _ in lp.top] for lp in out.logprobs] == expected.topk(n).indices.tolist()
+
+
 class CharTokenizer:
     """Token i is the letter chr(65 + i); nothing stops generation."""
     bos_id, eos_id, stop_ids = None, None, frozenset()

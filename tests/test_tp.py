@@ -69,17 +69,17 @@ def serve(model: Transformer, tokenizer) -> dict[str, tuple[int, bytes]]:
     engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128, seed=tp.shared_seed())
     loop = ServingLoop(lambda: engine, SamplingParams(max_new_tokens=16))
     pace = random.Random(tp.rank())
-    new = [(f"r{i}", body if tp.rank() == 0 else None) for i, body in enumerate(SERVED)]
+    new = [(f"r{i}", body if tp.rank() == 0 else None, "") for i, body in enumerate(SERVED)]
     batch, answers = [], {}
     while new or batch:
         batch += new[:1]
         new = new[1:]
         time.sleep(pace.random() * 0.005)
         replies = loop.step(batch)
-        for (rid, _), reply in zip(batch, replies):
+        for (rid, _, _), reply in zip(batch, replies):
             status, text = answers.get(rid, (reply.status, b""))
             answers[rid] = (status, text + reply.body)
-        batch = [(rid, None) for (rid, _), reply in zip(batch, replies) if not reply.finished]
+        batch = [(rid, None, "") for (rid, _, _), reply in zip(batch, replies) if not reply.finished]
     return answers
 
 

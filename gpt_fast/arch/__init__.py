@@ -8,6 +8,16 @@ Each adapter module (llama.py, mixtral.py) has
 Architectural differences are ModelArgs options read by the layers, never a copy of the model; adding a family is
 an adapter module plus, if it needs them, new options.
 
+An adapter that reads GGUF files (llama.cpp's format; the reader is checkpoints/gguf.py) also has
+- `GGUF_ARCHITECTURE`: the `general.architecture` metadata value it reads (its key in GGUF_ARCHITECTURES);
+- `gguf_config(metadata, shapes, read) -> dict`: the Hugging Face config.json the file's metadata describes
+  (gguf_layout.llama_config has the common fields), so model_args reads it as it reads a Hugging Face one;
+  `shapes` maps tensor names to their torch shapes, `read(name)` dequantizes one tensor (for tensors that are
+  really configuration, like Llama 3.1's rope_freqs);
+- `gguf_weight(name, tensor, config) -> list[(hf_name, tensor)] | None`: a GGUF tensor under its Hugging Face
+  name, in Hugging Face's layout (llama: q and k rows back from llama.cpp's order), for weight_pieces; [] for
+  tensors to drop, None for names it does not know.
+
 Imports model only.
 """
 from types import ModuleType
@@ -22,6 +32,8 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "MistralForCausalLM": llama,
     "MixtralForCausalLM": mixtral,
 }
+# GGUF `general.architecture` -> adapter.
+GGUF_ARCHITECTURES: dict[str, ModuleType] = {adapter.GGUF_ARCHITECTURE: adapter for adapter in (llama,)}
 
 
 def for_hf_config(config: dict) -> ModuleType:
@@ -36,3 +48,11 @@ def for_hf_config(config: dict) -> ModuleType:
 def model_args_from_hf(config: dict, generation_config: Optional[dict] = None) -> ModelArgs:
     """A Hugging Face config.json (and generation_config.json) as ModelArgs; ValueError on anything unsupported."""
     return for_hf_config(config).model_args(config, generation_config)
+
+
+def for_gguf(architecture: str) -> ModuleType:
+    """The adapter for a GGUF file's `general.architecture`; ValueError naming the supported ones if there is none."""
+    if architecture not in GGUF_ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {architecture!r} "
+                         f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    return GGUF_ARCHITECTURES[architecture]

@@ -1,14 +1,17 @@
 """Llama (1, 2, 3.x, CodeLlama, TinyLlama, SmolLM) and Mistral: LlamaForCausalLM, MistralForCausalLM.
 
-The model our Transformer is: separate q/k/v projections are fused into `wqkv`, the rest is renamed.
+The model our Transformer is: separate q/k/v projections are fused into `wqkv`, the rest is renamed. Its GGUF files
+(`general.architecture` "llama": Llama, Mistral, SmolLM, TinyLlama, ...) store q and k in llama.cpp's row order.
 """
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import torch
 from torch import Tensor
 
 from ..model.args import ModelArgs
-from . import hf
+from ..model.layers import rope_inv_freq
+from . import gguf_layout, hf
 from .hf import Piece
 
 TOP_NAMES = {
@@ -59,3 +62,47 @@ def weight_pieces(name: str, tensor: Tensor, args: ModelArgs) -> Optional[list[P
     if local in QKV_INDEX:
         return [Piece(prefix + "attention.wqkv.weight", tensor, QKV_INDEX[local], count=3)]
     return None
+
+
+GGUF_ARCHITECTURE = "llama"
+# Llama 3.1-3.3's rope scaling besides `factor` (Meta's published values): llama.cpp stores only the resulting
+# per-frequency factors (the rope_freqs.weight tensor), so these are checked against it.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def gguf_config(metadata: dict, shapes: dict[str, tuple[int, ...]], read: Callable[[str], Tensor]) -> dict:
+    """The Hugging Face config.json of a "llama" GGUF file (read(name): one of its tensors, dequantized)."""
+    experts = gguf_layout.scalar(metadata, "llama.expert_count", 0)
+    if experts:
+        raise ValueError(f"GGUF mixture of experts (llama.expert_count={experts}, e.g. Mixtral) is not supported: "
+                         "convert the Hugging Face checkpoint")
+    config = gguf_layout.llama_config(metadata, shapes, GGUF_ARCHITECTURE, "LlamaForCausalLM")
+    if "rope_freqs.weight" in shapes:
+        config["rope_scaling"] = _llama3_rope_scaling(config, read("rope_freqs.weight").float())
+    return config
+
+
+def _llama3_rope_scaling(config: dict, freq_factors: Tensor) -> dict:
+    """Llama 3.1's rope_scaling from llama.cpp's per-frequency divisors; ValueError if they are not Llama 3's."""
+    scaling = {"rope_type": "llama3", "factor": freq_factors.max().item(), **LLAMA3_ROPE}
+    args = model_args(config)
+    plain = rope_inv_freq(args)
+    args.rope_scaling = scaling
+    if freq_factors.shape != plain.shape or not torch.allclose(plain / freq_factors, rope_inv_freq(args), rtol=1e-4):
+        raise ValueError("GGUF rope_freqs.weight is not Llama 3.1's rope scaling (low_freq_factor 1, "
+                         "high_freq_factor 4, original context 8192): not supported")
+    return scaling
+
+
+def gguf_weight(name: str, tensor: Tensor, config: dict) -> Optional[list[tuple[str, Tensor]]]:
+    """GGUF tensor `name` as (Hugging Face name, tensor) pairs: [] for tensors to drop, None for unknown names."""
+    if name == "rope_freqs.weight":
+        return []  # read into config.json's rope_scaling by gguf_config
+    hf_name = gguf_layout.hf_name(name, gguf_layout.TOP_NAMES, gguf_layout.BLOCK_NAMES)
+    if hf_name is None:
+        return None
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        tensor = gguf_layout.unpermute_rope_rows(tensor, config["num_attention_heads"])
+    elif hf_name.endswith("self_attn.k_proj.weight"):
+        tensor = gguf_layout.unpermute_rope_rows(tensor, config["num_key_value_heads"])
+    return [(hf_name, tensor)]

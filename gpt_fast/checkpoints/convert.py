@@ -1,6 +1,7 @@
 """Convert a Hugging Face checkpoint directory into model.pth, config.json, tokenizer.model.
 
     python -m gpt_fast.convert HF_DIR OUT_DIR
+    python -m gpt_fast.convert FILE.gguf OUT_DIR [--dtype float32]     # see gguf.py
 
 The architecture's adapter (gpt_fast/arch) maps config.json to ModelArgs and each weight name to ours. Weights are
 streamed shard by shard: each tensor is renamed as it is read, and the parts of a fused or stacked tensor (q/k/v
@@ -12,16 +13,16 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from types import ModuleType
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
 
 from ..arch import for_hf_config
-from ..model.args import ModelArgs
-from ..model.transformer import Transformer
 from ..text.tokenizer import detect_kind
+from .gguf import convert_gguf
+from .load import DTYPES
+from .weights import convert_weights, save_checkpoint
 
 
 def find_tokenizer(hf_dir: Path) -> tuple[Path, str]:
@@ -65,52 +66,10 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield state.popitem()
 
 
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    # torch.save writes whole storages; a view into a shared .bin storage would drag the rest along.
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        return t.clone()
-    return t
-
-
-def convert_weights(files: list[Path], args: ModelArgs, arch: ModuleType) -> dict[str, torch.Tensor]:
-    """Stream the HF weight files into a state dict with our names (arch.weight_pieces), checked against the
-    model's shapes."""
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, list[Optional[torch.Tensor]]] = {}  # parts of fused/stacked tensors read so far
+def _read_shards(files: list[Path]) -> Iterator[tuple[str, Iterator[tuple[str, torch.Tensor]]]]:
     for i, path in enumerate(files, 1):
         print(f"[{i}/{len(files)}] {path.name}", file=sys.stderr, flush=True)
-        unknown = []
-        for name, tensor in _read_shard(path):
-            pieces = arch.weight_pieces(name, tensor, args)
-            if pieces is None:
-                unknown.append(name)
-            for piece in pieces or []:
-                if piece.count == 1:
-                    out[piece.name] = _own_storage(piece.tensor)
-                    continue
-                parts = pending.setdefault(piece.name, [None] * piece.count)
-                parts[piece.index] = piece.tensor
-                if all(p is not None for p in parts):
-                    del pending[piece.name]
-                    out[piece.name] = torch.stack(parts) if piece.stack else torch.cat(parts)
-        if unknown:
-            raise ValueError(f"{path}: unknown weight names {sorted(unknown)[:20]}"
-                             f"{f' (and {len(unknown) - 20} more)' if len(unknown) > 20 else ''}")
-    with torch.device("meta"):
-        expected = Transformer(args).state_dict()
-    if args.tie_embeddings:
-        del expected["output.weight"]
-    missing = sorted(set(expected) - set(out))
-    if missing:
-        raise ValueError(f"weights missing from the checkpoint: {missing[:20]}")
-    unexpected = sorted(set(out) - set(expected))
-    if unexpected:  # e.g. a dense MLP in a checkpoint whose config.json declares experts
-        raise ValueError(f"weights the config.json model does not have: {unexpected[:20]}")
-    for name, tensor in out.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match config.json "
-                             f"(expected {tuple(expected[name].shape)})")
-    return out
+        yield str(path), _read_shard(path)
 
 
 def convert(hf_dir: Path, out_dir: Path) -> Path:
@@ -130,26 +89,28 @@ def convert(hf_dir: Path, out_dir: Path) -> Path:
     tokenizer_path, args.tokenizer = find_tokenizer(hf_dir)
     files = find_weight_files(hf_dir)
 
-    state = convert_weights(files, args, arch)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = out_dir / "model.pth"
-    torch.save(state, weights_path)
-    args.save(out_dir / "config.json")
+    state = convert_weights(_read_shards(files), args, arch)
+    weights_path = save_checkpoint(state, args, out_dir)
     if tokenizer_path.resolve() != (out_dir / "tokenizer.model").resolve():
         shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
-    size_gb = sum(t.numel() * t.element_size() for t in state.values()) / 1e9
-    print(f"wrote {weights_path} ({len(state)} tensors, {size_gb:.2f} GB, {args.tokenizer} tokenizer)",
-          file=sys.stderr)
     return weights_path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("hf_dir", type=Path, help="Hugging Face checkpoint directory")
-    parser.add_argument("out_dir", type=Path, help="where to write model.pth, config.json, tokenizer.model")
+    parser.add_argument("source", type=Path, help="Hugging Face checkpoint directory, or a .gguf file")
+    parser.add_argument("out_dir", type=Path, help="where to write model.pth, config.json and the tokenizer")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"],
+                        help="what a GGUF file's tensors are dequantized to (default bfloat16; Hugging Face "
+                             "weights keep their own dtype)")
     opts = parser.parse_args()
     try:
-        convert(opts.hf_dir, opts.out_dir)
+        if opts.source.suffix == ".gguf":
+            convert_gguf(opts.source, opts.out_dir, DTYPES[opts.dtype or "bfloat16"])
+        elif opts.dtype:
+            parser.error("--dtype applies to .gguf files only")
+        else:
+            convert(opts.source, opts.out_dir)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -6,9 +6,10 @@ One admitted request at a time is being prefilled, in slot n. While others decod
 PREFILL_TOKENS_PER_STEP prompt tokens, so a long prompt joining a busy batch is prefilled in chunks between
 decode steps instead of stalling every running stream for the whole prompt.
 """
+import logging
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,10 +19,12 @@ from ..model.args import ModelArgs
 from ..model.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .prefix_cache import PrefixCache
-from .request import Request, StepOutput
+from .request import Request, StepOutput, TokenLogprob
 from .runner import ModelRunner, batch_buckets, bucket
-from .sampling import RowSampling, SamplingParams, greedy_sample, sample
+from .sampling import RowSampling, SamplingParams, greedy_sample, penalties, sample, token_logprobs
 from .speculative import Speculator
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 2048
 PREFILL_TOKENS_PER_STEP = 256
@@ -47,6 +50,7 @@ class Completion:
     draft_passes: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when asked
 
 
 class Engine:
@@ -142,9 +146,10 @@ class Engine:
                 self.active.append(req)
                 if self.prefix_cache is not None:
                     self.prefix_cache.store(req.prompt_ids, req.slot)
-                if self.speculator:
-                    self.speculator.admit(req, enabled=req.params.speculate)
-                outputs.append(self._append(req, self._pick([req], logits)))
+                if self.speculator:  # penalties change each position's distribution: such requests decode plainly
+                    self.speculator.admit(req, enabled=req.params.speculate and not req.params.penalized)
+                tokens = self._pick([req], logits)
+                outputs.append(self._append(req, tokens, self._logprobs([req], logits[:, None], [tokens])[0]))
         self._retire()
         return outputs
 
@@ -162,7 +167,8 @@ class Engine:
         return [Completion(tokens=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
                            finish_reason=outs[-1].finish_reason, prompt_tokens=outs[-1].prompt_tokens,
                            cached_tokens=outs[-1].cached_tokens, draft_passes=outs[-1].draft_passes,
-                           draft_tokens=outs[-1].draft_tokens, accepted_tokens=outs[-1].accepted_tokens)
+                           draft_tokens=outs[-1].draft_tokens, accepted_tokens=outs[-1].accepted_tokens,
+                           logprobs=[lp for o in outs for lp in o.logprobs])
                 for outs in done.values()]
 
     def warmup(self) -> None:
@@ -179,8 +185,9 @@ class Engine:
         drafts = self.speculator.plan(reqs) if self.speculator else []
         if any(drafts):
             greedy = all(r.params.greedy for r in reqs)
-            verified = self.speculator.step(reqs, drafts, batch, self.kv_buckets,
-                                            None if greedy else self._sampling(reqs, batch))
+            verified, logits = self.speculator.step(reqs, drafts, batch, self.kv_buckets,
+                                                    None if greedy else self._sampling(reqs, batch),
+                                                    lambda logits: self._penalize(reqs, logits))
             for r, v in zip(reqs, verified):
                 r.count_drafts(v.drafted, v.accepted)
             new_tokens = [v.tokens for v in verified]
@@ -190,7 +197,8 @@ class Engine:
             kv_len = bucket(self.kv_buckets, max(positions) + 1)
             logits = self.runner.rows(self._tensor(tokens)[:, None], self._tensor(positions)[:, None], kv_len)
             new_tokens = [[t] for t in self._pick(reqs, logits[:, 0])]
-        return [self._append(r, tokens) for r, tokens in zip(reqs, new_tokens)]
+        logprobs = self._logprobs(reqs, logits, new_tokens)
+        return [self._append(r, tokens, lp) for r, tokens, lp in zip(reqs, new_tokens, logprobs)]
 
     def _admit(self) -> bool:
         """Make sure a request is being prefilled (the next waiting one, if a slot is free); False if none."""
@@ -211,8 +219,12 @@ class Engine:
         req.prefilled = end
         return logits
 
-    def _append(self, req: Request, tokens: list[int]) -> StepOutput:
-        out = req.append(tokens, self.max_seq_len)
+    def _append(self, req: Request, tokens: list[int], logprobs: list[TokenLogprob]) -> StepOutput:
+        try:
+            out = req.append(tokens, self.max_seq_len, logprobs)
+        except Exception:  # a bug in one request's text or stop check ends that request, not the step
+            logger.exception("request %s failed", req.request_id)
+            return req.fail()
         if self.speculator:
             self.speculator.observe(req, out.token_ids)
         return out
@@ -223,11 +235,42 @@ class Engine:
 
     def _pick(self, reqs: list[Request], logits: Tensor) -> list[int]:
         """Sample one token per request from logits [B >= len(reqs), V]; one host sync for the batch."""
+        logits = self._penalize(reqs, logits)
         if all(r.params.greedy for r in reqs):
             return greedy_sample(logits)[: len(reqs)].tolist()
         rows = self._sampling(reqs, logits.shape[0])
         ids = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seeds, rows.positions)
         return ids[: len(reqs)].tolist()
+
+    def _penalize(self, reqs: list[Request], logits: Tensor) -> Tensor:
+        """logits [B >= len(reqs), ..., V] less each penalized request's presence and frequency penalties."""
+        rows = [i for i, r in enumerate(reqs) if r.params.penalized and r.generated]
+        if not rows:
+            return logits
+        penalized = [reqs[i] for i in rows]
+        subtract = penalties([r.generated for r in penalized], [r.params.presence_penalty for r in penalized],
+                             [r.params.frequency_penalty for r in penalized], logits.shape[-1], logits.device)
+        index = self._tensor(rows)
+        logits = logits.clone()  # the runner's output may be a CUDA graph's buffer
+        logits[index] -= subtract.view(len(rows), *[1] * (logits.dim() - 2), -1)
+        return logits
+
+    def _logprobs(self, reqs: list[Request], logits: Tensor, new_tokens: list[list[int]]) -> list[list[TokenLogprob]]:
+        """The log-probabilities of each request's new tokens, for those that asked: logits [B, W, V] hold the
+        distribution of row b's j-th new token at [b, j]. Costs nothing (no extra sync) when none asked."""
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if not rows:
+            return [[] for _ in reqs]
+        width = max(len(new_tokens[i]) for i in rows)
+        tokens = self._tensor([new_tokens[i] + [0] * (width - len(new_tokens[i])) for i in rows])
+        top = max(reqs[i].params.logprobs for i in rows)
+        chosen, values, ids = (t.tolist() for t in token_logprobs(logits[self._tensor(rows), :width], tokens, top))
+        out: list[list[TokenLogprob]] = [[] for _ in reqs]
+        for a, i in enumerate(rows):
+            n = reqs[i].params.logprobs
+            out[i] = [TokenLogprob(token, chosen[a][j], list(zip(ids[a][j][:n], values[a][j][:n])))
+                      for j, token in enumerate(new_tokens[i])]
+        return out
 
     def _tensor(self, values: list) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

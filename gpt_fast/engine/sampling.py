@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 
 
+MAX_LOGPROBS = 20  # most likely tokens a request may ask for at each position (OpenAI's limit)
+
+
 class InvalidParam(ValueError):
     """A request parameter is out of range; `field` names it."""
 
@@ -28,6 +31,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     speculate: bool = True  # draft-and-verify when the engine has a speculator (output is the same either way)
+    # OpenAI's penalties, over the tokens generated so far: logit -= frequency * count + presence * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None  # hand back each token's log-probability and this many most likely tokens'
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -42,10 +49,19 @@ class SamplingParams:
             raise InvalidParam("seed", "must be in [0, 2**63)")
         if any(not s for s in self.stop):
             raise InvalidParam("stop", "stop strings must be non-empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidParam(name, "must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidParam("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -136,3 +152,23 @@ def probabilities(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
 def sample_from(probs: Tensor, seeds: Tensor, positions: Tensor, stream: int) -> Tensor:
     """One token per row of (possibly unnormalised) probabilities [B, V]; `stream` keeps draws independent."""
     return _exponential_argmax(probs, seeds, positions, stream)
+
+
+def penalties(generated: Sequence[Sequence[int]], presence: Sequence[float], frequency: Sequence[float],
+              vocab_size: int, device: Union[str, torch.device]) -> Tensor:
+    """[N, V] to subtract from N rows of logits: frequency * count + presence * (count > 0) of each token in the
+    row's generated tokens. Built on the device from the token ids alone, so no per-request state moves with slots."""
+    longest = max(1, max(len(g) for g in generated))
+    ids = torch.tensor([list(g) + [0] * (longest - len(g)) for g in generated], dtype=torch.long, device=device)
+    real = torch.tensor([[1.0] * len(g) + [0.0] * (longest - len(g)) for g in generated], device=device)
+    counts = torch.zeros(len(generated), vocab_size, device=device).scatter_add_(1, ids, real)
+    as_column = lambda xs: torch.tensor(list(xs), dtype=torch.float32, device=device)[:, None]
+    return as_column(frequency) * counts + as_column(presence) * (counts > 0)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [..., V], tokens [...]: log p(token) [...] and the `top` most likely tokens' log-probabilities and
+    ids [..., top], under the model's own distribution (before temperature, top-k/top-p and penalties)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logp.topk(top, dim=-1)
+    return logp.gather(-1, tokens[..., None]).squeeze(-1), values, ids

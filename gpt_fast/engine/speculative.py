@@ -13,7 +13,7 @@ decisions depend only on the row's own history, so a seeded request gives the sa
 batch.
 """
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -155,9 +155,12 @@ class Speculator:
         return [self._plan(r) for r in reqs]
 
     def step(self, reqs: list[Request], ks: list[int], batch: int, kv_buckets: Sequence[int],
-             sampling: Optional[RowSampling]) -> list[Verified]:
+             sampling: Optional[RowSampling],
+             penalize: Callable[[Tensor], Tensor] = lambda logits: logits) -> tuple[list[Verified], Tensor]:
         """One draft-and-verify step for rows 0..len(reqs)-1 (batch >= len(reqs) rows run), drafting ks[b] tokens
-        for row b (from plan()); returns each request's outcome. sampling None: every row is greedy."""
+        for row b (from plan()); returns each request's outcome, and the target's logits [batch, width, V] (row b's
+        j-th token was taken from [b, j]). sampling None: every row is greedy. penalize: adjusts the logits before
+        acceptance (rows that draft nothing take one token, from [b, 0])."""
         width = self.verify_width(max(ks))
         lengths = [r.num_tokens for r in reqs]
         kv_len = bucket(kv_buckets, max(n + k for n, k in zip(lengths, ks)))  # past the last draft's position
@@ -171,7 +174,7 @@ class Speculator:
         last = self._tensor([r.generated[-1] for r in reqs] + [0] * pad)
         positions = self._positions(lengths + [0] * pad, [k + 1 for k in ks] + [0] * pad, width, first=-1)
         logits = self.target.rows(torch.cat([last[:, None], drafts], dim=1), positions, kv_len)
-        tokens, counts = accept(logits, drafts, self._tensor(ks_pad), draft_probs, sampling)
+        tokens, counts = accept(penalize(logits), drafts, self._tensor(ks_pad), draft_probs, sampling)
         tokens, counts = tokens.tolist(), counts.tolist()  # the step's one host sync
         out = []
         for r, k, n, row, count in zip(reqs, ks, lengths, tokens, counts):
@@ -181,7 +184,7 @@ class Speculator:
                 if self.draft is not None:  # the draft cached the last token and its drafts up to the first reject
                     state.draft_cached = n + min(count - 1, k - 1)
             out.append(Verified(row[:count], drafted=k, accepted=count - 1 if k else 0))
-        return out
+        return out, logits
 
     def verify_width(self, max_drafts: int) -> int:
         """Verify passes are 2 wide (single-draft probes) or k + 1 wide: two compiled shapes per batch size."""

@@ -1,10 +1,12 @@
 """The serving loop over a step-driven frontend: one call per step, every in-flight request in it.
 
 TorchServe's continuous batching calls the handler once per step with every in-flight request and expects
-one reply per request. `ServingLoop.step` is that call without TorchServe: (request id, body or None) in,
+one reply per request. `ServingLoop.step` is that call without TorchServe: (request id, body or None, URL path) in,
 `Reply` out, so handler.py stays a thin adapter and all of this is testable in-process. What a request says and
-how its answer is written is the protocol's (protocol.py); the loop admits, steps, cancels and counts.
+how its answer is written is the protocol's, chosen by the path's first segment: "" the native one (protocol.py),
+"v1" OpenAI's (openai.py); the loop admits, steps, cancels and counts.
 """
+import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,10 +23,15 @@ from ..model import tp
 from . import metrics
 from .fields import RequestError
 from .metrics import Emit
-from .protocol import JSON, TEXT, NativeResponse, error_body, parse_request
+from .openai import OpenAIProtocol
+from .protocol import TEXT, Answer, NativeProtocol, Response
+
+logger = logging.getLogger(__name__)
 
 # Steps the decode thread runs ahead of a frontend that has not come back for the results.
 MAX_STEPS_PER_CALL = 64
+# What a request hears when our code, not its input, failed it (the traceback goes to the log).
+INTERNAL_ERROR = "internal error while serving this request (the server log has the details)"
 
 
 @dataclass
@@ -39,7 +46,7 @@ class Reply:
 
 @dataclass
 class _Tracked:
-    response: NativeResponse
+    response: Response
     arrived: float
     first_token_at: Optional[float] = None
     completion_tokens: int = 0
@@ -58,14 +65,18 @@ class ServingLoop:
     """
 
     def __init__(self, build_engine: Callable[[], Engine], defaults: SamplingParams,
-                 emit: Emit = lambda name, value, **labels: None):
+                 emit: Emit = lambda name, value, **labels: None, model_name: str = "model"):
         # One thread does all of the engine's torch work: building it (loading weights), warm-up and every step.
         # CUDA graphs are recorded per thread, and so is CUDA's current device (which compiled graphs and NCCL
         # use). On CPU, a second thread that ran OpenMP regions leaves libgomp managing more threads than cores,
         # and it then stops spin-waiting between regions: the decode step ran ~20% slower (BENCHMARKS.md).
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.engine = self._engine_thread.submit(_build_on_device, build_engine).result()
-        self.tokenizer, self.defaults, self.emit = self.engine.tokenizer, defaults, emit
+        self.emit, engine = emit, self.engine
+        # By the URL path's first segment: /predictions/<model>[/<version>] and .../<version>/v1/...
+        self.protocols = {
+            "": NativeProtocol(engine.tokenizer, defaults, engine.max_seq_len, engine.speculator is not None),
+            "v1": OpenAIProtocol(model_name, engine.tokenizer, defaults, engine.max_seq_len)}
         self.tracked: dict[str, _Tracked] = {}
         self._running: Optional[Future] = None  # the steps started by the previous call
         self._collecting = threading.Event()  # tells the running steps to finish
@@ -77,13 +88,18 @@ class ServingLoop:
     def warmup(self) -> None:
         self._engine_thread.submit(self.engine.warmup).result()
 
-    def step(self, batch: list[tuple[str, Any]]) -> list[Reply]:
-        """batch: (request id, body) per in-flight request, body None for one already seen. One Reply each."""
+    def step(self, batch: list[tuple[str, Any, str]]) -> list[Reply]:
+        """batch: (request id, body, URL path after /predictions/<model>/<version>/) per in-flight request, body
+        None for one already seen. One Reply each."""
         self._collecting.set()  # the steps the previous call started end with the one in flight
         return self._engine_thread.submit(self._advance, batch).result()
 
-    def _advance(self, batch: list[tuple[str, Any]]) -> list[Reply]:
-        """On the engine thread, after the steps the previous call started."""
+    def _advance(self, batch: list[tuple[str, Any, str]]) -> list[Reply]:
+        """On the engine thread, after the steps the previous call started.
+
+        What fails one request (its body, its text, a bug it runs into) is caught where that request is handled
+        and ends it alone; only what fails the engine step itself ends up here.
+        """
         try:
             return self._answer(batch)
         except BaseException:
@@ -92,25 +108,20 @@ class ServingLoop:
                 self._cancel(rid)
             raise
 
-    def _answer(self, batch: list[tuple[str, Any]]) -> list[Reply]:
+    def _answer(self, batch: list[tuple[str, Any, str]]) -> list[Reply]:
         outputs, done = self._collect()
         # Under tensor parallelism every rank serves rank 0's batch. TorchServe 0.12 writes a call to the other
         # ranks asynchronously, possibly after rank 0's reply has marked a new request as delivered: they may
         # get it without its body.
         served = tp.rank0_object(batch) if self._tensor_parallel else batch
-        present = {rid for rid, _ in served}
+        present = {rid for rid, _, _ in served}
         for rid in [rid for rid in self.tracked if rid not in present]:
             self._cancel(rid)  # the frontend dropped it: the client went away
         replies = {out.request_id: self._reply(out, done) for out in outputs if out.request_id in self.tracked}
         now = time.perf_counter()
-        for rid, body in served:
+        for rid, body, path in served:
             if rid not in self.tracked and rid not in replies:
-                try:
-                    response = self._admit(rid, body, now)
-                    replies[rid] = Reply(b"", finished=False, first=True, content_type=response.content_type)
-                except RequestError as e:
-                    replies[rid] = Reply(error_body(e), finished=True, first=True, status=400, content_type=JSON)
-                    self.emit(metrics.REQUESTS_FINISHED, 1, reason="error")
+                replies[rid] = self._admit(rid, body, path, now)
         if self.engine.num_active != self._active_slots:
             self._active_slots = self.engine.num_active
             self.emit(metrics.ACTIVE_SLOTS, self._active_slots)
@@ -119,7 +130,7 @@ class ServingLoop:
         if self.engine.num_active:
             self._running = self._engine_thread.submit(self._engine_steps)
         # Requests still waiting for a slot have nothing to say yet. (Only rank 0's replies are sent.)
-        return [replies.get(rid) or Reply(b"", finished=False, first=False) for rid, _ in batch]
+        return [replies.get(rid) or Reply(b"", finished=False, first=False) for rid, _, _ in batch]
 
     def _emit_prefix_stats(self, stats: PrefixCacheStats) -> None:
         """What changed since the last call (the engine thread is not running)."""
@@ -162,23 +173,40 @@ class ServingLoop:
             return [], time.perf_counter()
         return running.result()
 
-    def _admit(self, rid: str, body: Any, now: float) -> NativeResponse:
-        """Validate and queue a new request; returns what renders its answer."""
-        request = parse_request(body, self.defaults, self.engine.max_seq_len)
+    def _admit(self, rid: str, body: Any, path: str, now: float) -> Reply:
+        """Validate and queue a new request, or answer it at once (a bad one, or one that generates nothing)."""
+        protocol = self.protocols.get(path.split("/", 1)[0], self.protocols[""])
         try:
-            prompt_ids = self.tokenizer.encode(request.prompt, bos=True)
-        except ValueError as e:  # text the tokenizer refuses
-            raise RequestError("prompt", f"cannot be tokenized: {e}") from None
-        try:
-            self.engine.add(rid, prompt_ids, request.params)
-        except PromptTooLongError as e:
-            raise RequestError("prompt", str(e)) from None
-        response = NativeResponse(request.stream, speculating=self.engine.speculator is not None)
-        self.tracked[rid] = _Tracked(response, arrived=now)
-        return response
+            request = protocol.parse(rid, body, path)
+            if isinstance(request, Answer):
+                return Reply(request.body, finished=True, first=True, status=request.status,
+                             content_type=request.content_type)
+            try:
+                self.engine.add(rid, request.prompt_ids, request.params)
+            except PromptTooLongError as e:
+                raise RequestError(request.prompt_field, str(e), code="context_length_exceeded") from None
+            first = request.response.start()
+        except RequestError as e:
+            error = protocol.error(e)
+        except Exception:  # a bug this request ran into: its own 500, not the batch's
+            logger.exception("request %s failed on admission", rid)
+            self.engine.cancel(rid)
+            error = protocol.error(RequestError(None, INTERNAL_ERROR, status=500, code="internal_error"))
+        else:
+            self.tracked[rid] = _Tracked(request.response, arrived=now)
+            return Reply(first, finished=False, first=True, content_type=request.response.content_type)
+        self.emit(metrics.REQUESTS_FINISHED, 1, reason="error")
+        return Reply(error.body, finished=True, first=True, status=error.status, content_type=error.content_type)
 
     def _reply(self, out: StepOutput, done: float) -> Reply:
         tracked = self.tracked[out.request_id]
+        if out.finish_reason == "error":  # the engine ended it (and logged why)
+            return self._fail(out.request_id)
+        try:
+            body = tracked.response.render(out)
+        except Exception:
+            logger.exception("request %s failed", out.request_id)
+            return self._fail(out.request_id)
         if out.token_ids and tracked.first_token_at is None:
             tracked.first_token_at = done
             self.emit(metrics.TIME_TO_FIRST_TOKEN, done - tracked.arrived)
@@ -188,11 +216,17 @@ class ServingLoop:
             self._finish(out.request_id, out.finish_reason)
             if out.completion_tokens > 1:
                 self.emit(metrics.INTER_TOKEN_LATENCY, (done - tracked.first_token_at) / (out.completion_tokens - 1))
-        return Reply(tracked.response.render(out), finished=out.finished, first=False)
+        return Reply(body, finished=out.finished, first=False)
 
-    def _cancel(self, rid: str) -> None:
+    def _fail(self, rid: str) -> Reply:
+        """End a request whose answer has begun with an error as its last chunk; the others go on."""
+        response = self.tracked[rid].response
+        self._cancel(rid, "error")
+        return Reply(response.fail(INTERNAL_ERROR), finished=True, first=False)
+
+    def _cancel(self, rid: str, reason: str = "cancelled") -> None:
         self.engine.cancel(rid)
-        self._finish(rid, "cancelled")
+        self._finish(rid, reason)
 
     def _finish(self, rid: str, reason: str) -> None:
         # Counted per request, not per step: TorchServe logs and parses every metric line the worker prints,

@@ -1,17 +1,87 @@
-"""The native /predictions protocol: a JSON object in; the streamed UTF-8 text, or one JSON object, out.
+"""What a request protocol hands the serving loop (Generation, Answer), and the native /predictions protocol:
+a JSON object in; the streamed UTF-8 text, or one JSON object, out.
 
-Request fields are in the README's table. A bad request gets HTTP 400 with {"error": message, "field": name}.
+Request fields are in the README's table. A bad request gets HTTP 400 with {"error": message, "field": name}; a
+request our code fails gets 500 {"error": message, "field": null}, or, once its answer has begun, that object as its
+last chunk.
 """
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, Union
 
 from ..engine.request import StepOutput
-from ..engine.sampling import InvalidParam, SamplingParams
-from .fields import RequestError, check_fields, json_object, stop_strings, text_field
+from ..engine.sampling import SamplingParams
+from ..text.tokenizer import Tokenizer
+from .fields import RequestError, check_fields, json_object, sampling_params, text_field
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
+# A prompt with more characters than this per token of context is refused before it is tokenized (real text has ~4).
+MAX_PROMPT_CHARS_PER_TOKEN = 32
+
+
+class Response(Protocol):
+    """Renders one request's answer from its step outputs."""
+    content_type: str
+
+    def start(self) -> bytes:
+        """The first reply's body, sent with the HTTP headers before any token (b"": nothing)."""
+
+    def render(self, out: StepOutput) -> bytes:
+        """The bytes to send for one step's output (b"": nothing yet)."""
+
+    def fail(self, message: str) -> bytes:
+        """The last bytes of an answer our code failed after its 200 headers went out: an error the client can
+        tell from text."""
+
+
+@dataclass
+class Generation:
+    """A request to run: its prompt, sampling parameters and what renders its answer."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    response: Response
+    prompt_field: str = "prompt"  # the field a prompt too long for the context is blamed on
+
+
+@dataclass
+class Answer:
+    """A request answered at once, without the engine: an error, or one that generates nothing."""
+    body: bytes
+    status: int = 200
+    content_type: str = JSON
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, field: str, max_seq_len: int, bos: bool = True) -> list[int]:
+    """The prompt's token ids; a RequestError naming `field` for text the tokenizer refuses, or text too long to be
+    worth tokenizing (tokenizing 6 MB holds the engine thread, and so every stream, for seconds)."""
+    max_chars = MAX_PROMPT_CHARS_PER_TOKEN * max_seq_len
+    if len(text) > max_chars:
+        raise RequestError(field, f"has {len(text)} characters; at most {max_chars} ({MAX_PROMPT_CHARS_PER_TOKEN} "
+                                  f"per token of the {max_seq_len}-token context) are tokenized",
+                           code="context_length_exceeded")
+    try:
+        return tokenizer.encode(text, bos=bos)
+    except ValueError as e:  # text the tokenizer refuses
+        raise RequestError(field, f"cannot be tokenized: {e}") from None
+
+
+class NativeProtocol:
+    """/predictions/<model>[/<version>]: the request fields of the README's table."""
+
+    def __init__(self, tokenizer: Tokenizer, defaults: SamplingParams, max_seq_len: int, speculating: bool):
+        self.tokenizer, self.defaults, self.max_seq_len = tokenizer, defaults, max_seq_len
+        self.speculating = speculating
+
+    def parse(self, rid: str, body: Any, path: str) -> Union[Generation, Answer]:
+        if path:
+            raise RequestError("path", f"no such path: {path!r} (POST to /predictions/<model>)", status=404)
+        request = parse_request(body, self.defaults, self.max_seq_len)
+        return Generation(encode_prompt(self.tokenizer, request.prompt, "prompt", self.max_seq_len), request.params,
+                          NativeResponse(request.stream, self.speculating))
+
+    def error(self, e: RequestError) -> Answer:
+        return Answer(error_body(e), e.status)
 
 # Request fields and the JSON types they take (floats take integers too).
 REQUEST_FIELDS = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
@@ -30,18 +100,7 @@ def parse_request(body: Any, defaults: SamplingParams, max_seq_len: int) -> Gene
     body = json_object(body)
     check_fields(body, REQUEST_FIELDS)
     prompt = text_field(body, "prompt")
-    max_new_tokens = body.get("max_new_tokens", defaults.max_new_tokens)
-    if "max_new_tokens" in body and max_new_tokens > max_seq_len:
-        raise RequestError("max_new_tokens", f"must be <= {max_seq_len} (the context length)")
-    stop = stop_strings(body["stop"], "stop") if "stop" in body else defaults.stop
-    try:
-        params = SamplingParams(max_new_tokens=max_new_tokens,
-                                temperature=float(body.get("temperature", defaults.temperature)),
-                                top_k=body.get("top_k", defaults.top_k),
-                                top_p=float(body.get("top_p", defaults.top_p)),
-                                seed=body.get("seed"), stop=stop, speculate=body.get("speculate", True))
-    except InvalidParam as e:
-        raise RequestError(e.field, e.message) from None
+    params = sampling_params(body, defaults, max_seq_len, speculate=body.get("speculate", True))
     return GenerationRequest(prompt, params, body.get("stream", True))
 
 
@@ -57,8 +116,10 @@ class NativeResponse:
         self.content_type = TEXT if stream else JSON
         self._text: list[str] = []
 
+    def start(self) -> bytes:
+        return b""
+
     def render(self, out: StepOutput) -> bytes:
-        """The bytes to send for one step's output (b"": nothing yet)."""
         if self.stream:
             return out.text.encode()
         self._text.append(out.text)
@@ -70,3 +131,8 @@ class NativeResponse:
             usage.update(draft_tokens=out.draft_tokens, accepted_tokens=out.accepted_tokens)
         answer = {"text": "".join(self._text), "finish_reason": out.finish_reason, "usage": usage}
         return json.dumps(answer).encode()
+
+    def fail(self, message: str) -> bytes:
+        """{"error": message, "field": null}, on a line of its own after streamed text."""
+        body = error_body(RequestError(None, message, status=500))
+        return b"\n" + body + b"\n" if self.stream else body

@@ -23,6 +23,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, leading space included (per-token output such as logprobs)."""
+        return self.decode([token_id]).encode()
+
 
 class SentencePieceTokenizer(Tokenizer):
     """Llama 2, Mistral and the embedded tiny model."""
@@ -41,6 +45,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.processor.id_to_piece(token_id)
+        if self.processor.is_byte(token_id):  # <0xAB>
+            return bytes([int(piece[3:5], 16)])
+        return piece.encode() if self.processor.is_control(token_id) else piece.replace("\u2581", " ").encode()
 
 
 # Meta's Llama 3 split pattern and special tokens (llama-models' numbering, as in the 3.1 release).
@@ -92,6 +102,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.model.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.model.decode_single_token_bytes(token_id)
 
 
 def detect_kind(path: Path) -> Optional[str]:
