@@ -113,20 +113,36 @@ def bench_engine(model: Transformer, tokenizer, prompt_len: int, new_tokens: int
     return {"ttft_s": ttft, "tokens_per_s": tps, "compile_s": compile_s}
 
 
+def hf_model_class(args: ModelArgs):
+    """The transformers model and config of args' family, and the config fields beyond the shape."""
+    import transformers as tf
+    if args.num_experts:
+        return tf.MixtralForCausalLM, tf.MixtralConfig, dict(num_local_experts=args.num_experts,
+                                                             num_experts_per_tok=args.num_experts_per_tok)
+    if args.post_norms:
+        return tf.Gemma2ForCausalLM, tf.Gemma2Config, dict(
+            query_pre_attn_scalar=round(args.attn_scale ** -2), attn_logit_softcapping=args.attn_softcap,
+            final_logit_softcapping=args.final_softcap, sliding_window=args.sliding_window)
+    if args.qk_norm:
+        return tf.Qwen3ForCausalLM, tf.Qwen3Config, {}
+    if args.qkv_bias:
+        return tf.Qwen2ForCausalLM, tf.Qwen2Config, {}
+    if args.sliding_window:  # Phi-3's shapes; Mistral's would run the same
+        return tf.Phi3ForCausalLM, tf.Phi3Config, dict(sliding_window=args.sliding_window, pad_token_id=0)
+    return tf.LlamaForCausalLM, tf.LlamaConfig, {}
+
+
 def bench_hf(args: ModelArgs, prompt_len: int, new_tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
     shape = dict(hidden_size=args.dim, num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
                  num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
                  intermediate_size=args.intermediate_size, vocab_size=args.vocab_size,
-                 rope_theta=args.rope_base, tie_word_embeddings=args.tie_embeddings)
-    if args.num_experts:
-        config = MixtralConfig(**shape, num_local_experts=args.num_experts,
-                               num_experts_per_tok=args.num_experts_per_tok)
-        model_cls = MixtralForCausalLM
-    else:
-        config, model_cls = LlamaConfig(**shape), LlamaForCausalLM
+                 max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_base,
+                 tie_word_embeddings=args.tie_embeddings)
+    model_cls, config_cls, options = hf_model_class(args)
+    config = config_cls(**shape, **options)
     torch.manual_seed(0)
-    model = model_cls(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # built in dtype directly: no fp32 copy of a large model first
+        model = model_cls._from_config(config, dtype=dtype).eval()
     ids = torch.tensor([[1] + [(7 * i) % 100 + 3 for i in range(prompt_len - 1)]], device=device)
 
     def timed(n: int) -> float:

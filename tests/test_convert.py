@@ -154,14 +154,16 @@ def test_config_mapping() -> None:
     mistral = llama31_config(architectures=["MistralForCausalLM"], sliding_window=4096, max_position_embeddings=32768,
                              num_key_value_heads=None, head_dim=None, rope_scaling={"type": "linear", "factor": 2.0})
     args = model_args_from_hf(mistral)
-    assert args.max_position_embeddings == 4096
+    # The whole context, every layer sliding over the last 4096 positions (the mask does it, the cache keeps all).
+    assert (args.max_position_embeddings, args.sliding_window, args.sliding_window_layers) == (32768, 4096, None)
     assert args.n_kv_heads == 32 and args.head_dim == 128
     assert args.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
-    ({"architectures": ["Qwen2MoeForCausalLM"]}, "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM"),
+    ({"architectures": ["Qwen2MoeForCausalLM"]}, "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+     "Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Phi3ForCausalLM"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),

@@ -78,10 +78,11 @@ def spm_vocab(path: Path) -> tuple[list[str], list[float], list[int]]:
             types)
 
 
-def write_tiny_gguf(checkpoint: Path, path: Path, architecture: str = "llama",
-                    override: dict[str, Q] = {}) -> dict[str, tuple[Q, torch.Tensor]]:
-    """The tiny model as a llama.cpp file: its sentencepiece vocabulary, q/k in llama.cpp's order, the 2-D tensors
-    quantized to each ROUND_TRIP type in turn (override: name -> type). Returns our name -> (type, original)."""
+def write_tiny_gguf(checkpoint: Path, path: Path, architecture: str = "llama", override: dict[str, Q] = {},
+                    weight_types: tuple[Q, ...] = tuple(ROUND_TRIP)) -> dict[str, tuple[Q, torch.Tensor]]:
+    """A checkpoint as a llama.cpp file: its sentencepiece vocabulary, q/k in llama.cpp's order (llama; qwen2 keeps
+    Hugging Face's), the 2-D tensors stored as each of `weight_types` in turn (override: name -> type). Returns
+    llama.cpp's name -> (type, original)."""
     args = ModelArgs.load(checkpoint / "config.json")
     state = torch.load(checkpoint / "model.pth", weights_only=True)
     w = gguf.GGUFWriter(str(path), architecture)
@@ -105,19 +106,21 @@ def write_tiny_gguf(checkpoint: Path, path: Path, architecture: str = "llama",
     w.add_add_bos_token(True)
     w.add_chat_template("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
 
-    written, cycle = {}, iter(list(ROUND_TRIP) * 100)
+    written, cycle = {}, iter(list(weight_types) * 100)
     q_rows, kv_rows = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
     for name, tensor in state.items():
         prefix, local = split_name(name)
-        if local == "attention.wqkv.weight":
+        if local.startswith("attention.wqkv."):
+            kind = local.rsplit(".", 1)[1]  # weight or bias
             q, k, v = tensor.split([q_rows, kv_rows, kv_rows])
-            parts = {"attn_q.weight": llama_cpp_permute(q, args.n_head),
-                     "attn_k.weight": llama_cpp_permute(k, args.n_kv_heads), "attn_v.weight": v}
+            if architecture == "llama":
+                q, k = llama_cpp_permute(q, args.n_head), llama_cpp_permute(k, args.n_kv_heads)
+            parts = {f"attn_q.{kind}": q, f"attn_k.{kind}": k, f"attn_v.{kind}": v}
         else:
             parts = {GGUF_NAMES[local]: tensor}
         for gguf_local, part in parts.items():
             kind = Q.F32 if part.ndim == 1 else next(cycle)
-            if part.ndim == 2 and part.shape[1] % 32 and kind not in (Q.F16, Q.BF16):
+            if part.ndim == 2 and part.shape[1] % 32 and kind not in (Q.F32, Q.F16, Q.BF16):
                 kind = Q.F16  # block types need rows of whole 32-blocks (w2's 344 inputs are not)
             kind = override.get(prefix + gguf_local, kind)
             w.add_tensor(prefix + gguf_local, gguf_bytes(part, kind), raw_dtype=kind)
@@ -314,7 +317,7 @@ def test_unsupported_files_are_refused_by_name(tiny_checkpoint: Path, tmp_path: 
 
     path = tmp_path / "arch.gguf"
     write_tiny_gguf(tiny_checkpoint, path, architecture="mamba")
-    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'mamba' \(supported: llama\)"):
+    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'mamba' \(supported: llama, qwen2\)"):
         convert_gguf(path, tmp_path / "out")
 
     path = tmp_path / "type.gguf"

@@ -50,10 +50,9 @@ def test_matches_transformers(converted):
     assert_matches_transformers(hf, model, out_dir)
 
 
-def test_batched_equals_solo(converted):
-    """Four prompts of different lengths batched (padded prefill, decode at batch 4 on the all-experts path and at
-    batch 2 and 1 on the gather path as they finish) give each prompt's solo tokens."""
-    _, out_dir = converted
+def assert_batched_equals_solo(out_dir: Path) -> None:
+    """Four prompts of different lengths batched (padded prefill, decode at batch 4, then 2 and 1 as they finish)
+    give each prompt's solo greedy tokens (tests/test_arch.py uses it too)."""
     model = load_model(out_dir, device="cpu", dtype=torch.float32)
     tokenizer = load_tokenizer(out_dir)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
@@ -61,6 +60,11 @@ def test_batched_equals_solo(converted):
     engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128)
     solo = [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
     assert [c.tokens for c in engine.generate(prompts, params)] == solo
+
+
+def test_batched_equals_solo(converted):
+    """Decode at batch 4 runs the all-experts path, at batch 2 and 1 the gather path."""
+    assert_batched_equals_solo(converted[1])
 
 
 def test_int8_experts(converted, tmp_path):

@@ -124,7 +124,16 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, tuple[str, str]]
     root = tmp_path_factory.mktemp("tp")
     tied = random_checkpoint(root / "tied", tiny_checkpoint)
     moe = random_checkpoint(root / "moe", tiny_checkpoint, num_experts=4, num_experts_per_tok=2, tie_embeddings=False)
-    biased = random_checkpoint(root / "biased", tiny_checkpoint, qkv_bias=True)
+    biased = random_checkpoint(root / "biased", tiny_checkpoint, qkv_bias=True)  # Qwen2's attention
+    # The other families' options; Phi-3's window is in every layer, as Mistral's.
+    qwen3 = random_checkpoint(root / "qwen3", tiny_checkpoint, qk_norm=True, head_dim=48)
+    gemma2 = random_checkpoint(root / "gemma2", tiny_checkpoint, hidden_act="gelu_pytorch_tanh",
+                               norm_unit_offset=True, post_norms=True, scale_embeddings=True, attn_scale=0.1,
+                               attn_softcap=20.0, final_softcap=10.0, sliding_window=8, sliding_window_layers=[0])
+    phi3 = random_checkpoint(root / "phi3", tiny_checkpoint, rotary_dim=16, sliding_window=12, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+        "long_factor": [1.0, 1.5, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0], "original_max_position_embeddings": 16,
+        "attention_factor": 1.2})
     return {"tiny": (str(tiny_checkpoint), "float32"),
             "int8": (str(quantize_checkpoint(tiny_checkpoint, "int8", out_dir=root / "int8")), "float32"),
             "tied": (str(tied), "float32"),
@@ -132,7 +141,10 @@ def checkpoints(tiny_checkpoint, tmp_path_factory) -> dict[str, tuple[str, str]]
             "moe": (str(moe), "float32"),
             "moe-int8": (str(quantize_checkpoint(moe, "int8", out_dir=root / "moe-int8")), "float32"),
             "biased": (str(biased), "float32"),
-            "biased-int8": (str(quantize_checkpoint(biased, "int8", out_dir=root / "biased-int8")), "float32")}
+            "biased-int8": (str(quantize_checkpoint(biased, "int8", out_dir=root / "biased-int8")), "float32"),
+            "qwen3": (str(qwen3), "float32"),
+            "gemma2": (str(gemma2), "float32"),
+            "phi3": (str(phi3), "float32")}
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +171,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name", ["tiny", "int8", "tied", "moe", "moe-int8", "biased", "biased-int8"])
+@pytest.mark.parametrize("name", ["tiny", "int8", "tied", "moe", "moe-int8", "biased", "biased-int8", "qwen3",
+                                  "gemma2", "phi3"])
 def test_two_ranks_match_one_process(checkpoints, ranks, name):
     key = checkpoints[name]
     logits, tokens = single_process(*key)
@@ -217,7 +230,7 @@ def test_prefix_cache_under_tp(checkpoints, ranks):
 
 
 def test_a_rank_holds_its_share_of_every_matrix(checkpoints):
-    for name in ("int8", "moe"):
+    for name in ("int8", "moe", "qwen3", "gemma2"):  # per-head q/k norms and post norms are replicated
         full = load_model(checkpoints[name][0], "cpu", torch.float32)
         ranks = [load_model(checkpoints[name][0], "cpu", torch.float32, r, WORLD) for r in range(WORLD)]
         for key, tensor in full.state_dict().items():

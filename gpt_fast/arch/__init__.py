@@ -1,6 +1,6 @@
 """Architecture adapters: what one model family's checkpoints look like, mapped onto the one Transformer.
 
-Each adapter module (llama.py, mixtral.py) has
+Each adapter module (llama.py, mistral.py, mixtral.py, qwen.py, gemma2.py, phi3.py) has
 - `model_args(config, generation_config) -> ModelArgs`: its Hugging Face config.json (and generation_config.json)
   as ModelArgs, raising ValueError on what the Transformer cannot run;
 - `weight_pieces(name, tensor, args) -> list[Piece] | None`: where one of its weight tensors goes in our state dict
@@ -24,16 +24,20 @@ from types import ModuleType
 from typing import Optional
 
 from ..model.args import ModelArgs
-from . import llama, mixtral
+from . import gemma2, llama, mistral, mixtral, phi3, qwen
 
 # Hugging Face `architectures` name -> adapter.
 ARCHITECTURES: dict[str, ModuleType] = {
     "LlamaForCausalLM": llama,
-    "MistralForCausalLM": llama,
+    "MistralForCausalLM": mistral,
     "MixtralForCausalLM": mixtral,
+    "Qwen2ForCausalLM": qwen,
+    "Qwen3ForCausalLM": qwen,
+    "Gemma2ForCausalLM": gemma2,
+    "Phi3ForCausalLM": phi3,
 }
 # GGUF `general.architecture` -> adapter.
-GGUF_ARCHITECTURES: dict[str, ModuleType] = {adapter.GGUF_ARCHITECTURE: adapter for adapter in (llama,)}
+GGUF_ARCHITECTURES: dict[str, ModuleType] = {adapter.GGUF_ARCHITECTURE: adapter for adapter in (llama, qwen)}
 
 
 def for_hf_config(config: dict) -> ModuleType:

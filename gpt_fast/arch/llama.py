@@ -1,4 +1,4 @@
-"""Llama (1, 2, 3.x, CodeLlama, TinyLlama, SmolLM) and Mistral: LlamaForCausalLM, MistralForCausalLM.
+"""Llama (1, 2, 3.x, CodeLlama, TinyLlama, SmolLM): LlamaForCausalLM.
 
 The model our Transformer is: separate q/k/v projections are fused into `wqkv`, the rest is renamed. Its GGUF files
 (`general.architecture` "llama": Llama, Mistral, SmolLM, TinyLlama, ...) store q and k in llama.cpp's row order.
@@ -19,14 +19,15 @@ TOP_NAMES = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
 }
-LAYER_NAMES = {
+PROJECTION_NAMES = {
     "self_attn.o_proj.weight": "attention.wo.weight",
     "mlp.gate_proj.weight": "feed_forward.w1.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight",
     "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "input_layernorm.weight": "attention_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
 }
+# Llama's post_attention_layernorm is the feed-forward's input norm.
+LAYER_NAMES = {**PROJECTION_NAMES, "input_layernorm.weight": "attention_norm.weight",
+               "post_attention_layernorm.weight": "ffn_norm.weight"}
 # Position of each projection inside the fused wqkv (the model splits it as q, k, v).
 QKV_INDEX = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 1, "self_attn.v_proj.weight": 2}
 # Old checkpoints saved the RoPE table as a buffer; the model recomputes it.
@@ -37,18 +38,12 @@ def model_args(config: dict, generation_config: Optional[dict] = None, **options
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise ValueError(f"{flag}=true is not supported (the model has no bias terms)")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {config['hidden_act']!r} (supported: silu)")
-    max_pos = config.get("max_position_embeddings", 4096)
-    window = config.get("sliding_window")
-    if window is not None and window < max_pos:
-        # Within the window sliding attention equals full attention, so serving at most `window` positions
-        # is exact; longer contexts would need the sliding mask this model does not implement.
-        max_pos = window
-    return hf.model_args(config, generation_config, max_position_embeddings=max_pos, **options)
+    return hf.model_args(config, generation_config, **options)
 
 
-def weight_pieces(name: str, tensor: Tensor, args: ModelArgs) -> Optional[list[Piece]]:
+def weight_pieces(name: str, tensor: Tensor, args: ModelArgs, layer_names: dict[str, str] = LAYER_NAMES,
+                  qkv_index: dict[str, int] = QKV_INDEX) -> Optional[list[Piece]]:
+    """Llama's names; a family with more or other tensors per layer passes its own tables."""
     if IGNORED_RE.fullmatch(name) or (name == "lm_head.weight" and args.tie_embeddings):
         return []  # a tied lm_head is a duplicate of the embeddings
     if name in TOP_NAMES:
@@ -57,10 +52,11 @@ def weight_pieces(name: str, tensor: Tensor, args: ModelArgs) -> Optional[list[P
     if layer is None:
         return None
     prefix, local = layer
-    if local in LAYER_NAMES:
-        return [Piece(prefix + LAYER_NAMES[local], tensor)]
-    if local in QKV_INDEX:
-        return [Piece(prefix + "attention.wqkv.weight", tensor, QKV_INDEX[local], count=3)]
+    if local in layer_names:
+        return [Piece(prefix + layer_names[local], tensor)]
+    if local in qkv_index:
+        kind = local.rsplit(".", 1)[1]  # weight or bias
+        return [Piece(f"{prefix}attention.wqkv.{kind}", tensor, qkv_index[local], count=3)]
     return None
 
 

@@ -1,4 +1,4 @@
-"""Mixtral (MixtralForCausalLM): Llama with a sparse mixture of experts in place of the MLP.
+"""Mixtral (MixtralForCausalLM): Mistral with a sparse mixture of experts in place of the MLP.
 
 Its `block_sparse_moe` has a router `gate` and experts.M.w1/w2/w3 (the names real checkpoints use and that
 transformers' save_pretrained writes); the experts' matrices are stacked into [num_experts, ...] tensors.
@@ -9,15 +9,15 @@ from typing import Optional
 from torch import Tensor
 
 from ..model.args import ModelArgs
-from . import hf, llama
+from . import hf, llama, mistral
 from .hf import Piece
 
 EXPERT_RE = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 
 
 def model_args(config: dict, generation_config: Optional[dict] = None) -> ModelArgs:
-    return llama.model_args(config, generation_config, num_experts=config.get("num_local_experts", 0),
-                            num_experts_per_tok=config.get("num_experts_per_tok", 0))
+    return mistral.model_args(config, generation_config, num_experts=config.get("num_local_experts", 0),
+                              num_experts_per_tok=config.get("num_experts_per_tok", 0))
 
 
 def weight_pieces(name: str, tensor: Tensor, args: ModelArgs) -> Optional[list[Piece]]:

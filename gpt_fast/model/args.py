@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 QUANT_MODES = ("int8", "int4")
+ROPE_TYPES = ("llama3", "linear", "longrope")
+# Feed-forward gate activations (Hugging Face's names): SwiGLU, and GeGLU with the tanh GELU (Gemma).
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 # The group sizes both int4 kernels accept (CUDA tinygemm and the CPU one).
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_GROUP_SIZE = 128
@@ -48,7 +51,21 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None
     max_position_embeddings: int = 4096
     tie_embeddings: bool = False
+    # Architecture options; the defaults are Llama's. Each is read once, when the layers are built.
     qkv_bias: bool = False  # a bias on the q, k and v projections (fused into wqkv's bias)
+    qk_norm: bool = False  # an RMSNorm over each head's query and key before RoPE (Qwen3)
+    rotary_dim: Optional[int] = None  # RoPE turns the first rotary_dim features of each head; None: all (Phi)
+    hidden_act: str = "silu"  # the feed-forward's gate activation, one of HIDDEN_ACTS
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), in fp32 (Gemma)
+    post_norms: bool = False  # the attention and feed-forward outputs are normalised too, before the residual adds
+    scale_embeddings: bool = False  # embeddings times sqrt(dim), rounded to the model dtype (Gemma)
+    attn_scale: Optional[float] = None  # the query scale; None: head_dim ** -0.5
+    attn_softcap: Optional[float] = None  # attention logits -> cap * tanh(logits / cap) (Gemma 2)
+    final_softcap: Optional[float] = None  # output logits -> cap * tanh(logits / cap) (Gemma 2)
+    # Sliding-window attention: a token sees the keys of the last `sliding_window` positions (its own included), in
+    # the layers listed in sliding_window_layers (None: every layer). The KV cache still keeps every position.
+    sliding_window: Optional[int] = None
+    sliding_window_layers: Optional[list] = None
     # Which tokenizer file sits next to the weights: "sentencepiece" or "tiktoken".
     tokenizer: str = "sentencepiece"
     # Extra stop ids (e.g. from generation_config.json); the tokenizer adds its own eos ids.
@@ -65,8 +82,16 @@ class ModelArgs:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("llama3", "linear", "default"):
-                raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
+            if kind not in (*ROPE_TYPES, "default"):
+                raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and in 1..head_dim={self.head_dim}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (supported: {', '.join(HIDDEN_ACTS)})")
+        if self.num_experts and self.hidden_act != "silu":
+            raise ValueError("mixture-of-experts layers use silu")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1")
         if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
                              f"{self.num_experts}")
@@ -128,6 +153,34 @@ NAMED_SHAPES = {
     "mixtral-8x7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_heads=8, head_dim=128, intermediate_size=14336,
                          vocab_size=32000, rope_base=1000000.0, max_position_embeddings=32768, num_experts=8,
                          num_experts_per_tok=2),
+    "qwen2.5-7b": dict(dim=3584, n_layer=28, n_head=28, n_kv_heads=4, head_dim=128, intermediate_size=18944,
+                       vocab_size=152064, norm_eps=1e-6, rope_base=1000000.0, max_position_embeddings=32768,
+                       qkv_bias=True),
+    "qwen3-8b": dict(dim=4096, n_layer=36, n_head=32, n_kv_heads=8, head_dim=128, intermediate_size=12288,
+                     vocab_size=151936, norm_eps=1e-6, rope_base=1000000.0, max_position_embeddings=40960,
+                     qk_norm=True),
+    "gemma-2-9b": dict(dim=3584, n_layer=42, n_head=16, n_kv_heads=8, head_dim=256, intermediate_size=14336,
+                       vocab_size=256000, norm_eps=1e-6, max_position_embeddings=8192, tie_embeddings=True,
+                       hidden_act="gelu_pytorch_tanh", norm_unit_offset=True, post_norms=True, scale_embeddings=True,
+                       attn_scale=256 ** -0.5, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096,
+                       sliding_window_layers=list(range(0, 42, 2))),
+    "phi-3-mini": dict(dim=3072, n_layer=32, n_head=32, n_kv_heads=32, head_dim=96, intermediate_size=8192,
+                       vocab_size=32064, max_position_embeddings=4096, sliding_window=2047),
+    # Small shapes of those families for a 2-core CPU: two real ones (Qwen2.5-0.5B, Qwen3-0.6B), and Gemma 2 and
+    # Phi-3 with their options at Qwen3-0.6B's size.
+    "qwen2.5-0.5b": dict(dim=896, n_layer=24, n_head=14, n_kv_heads=2, head_dim=64, intermediate_size=4864,
+                         vocab_size=151936, norm_eps=1e-6, rope_base=1000000.0, max_position_embeddings=32768,
+                         tie_embeddings=True, qkv_bias=True),
+    "qwen3-0.6b": dict(dim=1024, n_layer=28, n_head=16, n_kv_heads=8, head_dim=128, intermediate_size=3072,
+                       vocab_size=151936, norm_eps=1e-6, rope_base=1000000.0, max_position_embeddings=40960,
+                       tie_embeddings=True, qk_norm=True),
+    "gemma-2-tiny": dict(dim=1024, n_layer=16, n_head=8, n_kv_heads=4, head_dim=128, intermediate_size=4096,
+                         vocab_size=256000, norm_eps=1e-6, max_position_embeddings=8192, tie_embeddings=True,
+                         hidden_act="gelu_pytorch_tanh", norm_unit_offset=True, post_norms=True,
+                         scale_embeddings=True, attn_scale=128 ** -0.5, attn_softcap=50.0, final_softcap=30.0,
+                         sliding_window=4096, sliding_window_layers=list(range(0, 16, 2))),
+    "phi-3-tiny": dict(dim=1024, n_layer=16, n_head=16, n_kv_heads=16, head_dim=64, intermediate_size=4096,
+                       vocab_size=32064, max_position_embeddings=4096, sliding_window=2047),
     # Mixtral's proportions (8 experts, top-2, GQA 4:1, I = 3.5 D) scaled down for a 2-core CPU (1.5 GB bf16).
     "mixtral-tiny": dict(dim=1024, n_layer=8, n_head=16, n_kv_heads=4, head_dim=64, intermediate_size=3584,
                          vocab_size=32000, rope_base=1000000.0, max_position_embeddings=32768, num_experts=8,

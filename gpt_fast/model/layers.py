@@ -1,6 +1,7 @@
 """The building blocks the Transformer is made of: RMSNorm, RoPE tables, the slot KV cache, and Linear layers that
 know how to become a tensor-parallel shard of themselves (the quantized kinds in quantized.py do the same)."""
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -32,25 +33,45 @@ class KVCache(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Normalizes in fp32 and returns the model dtype (its weight's), whatever the dtype of x: the residual stream
-    it reads is fp32 (Transformer.forward)."""
+    """x / rms(x) * weight over the last dimension, normalized in fp32 and returned in the model dtype (its
+    weight's), whatever the dtype of x: the residual stream it reads is fp32 (Transformer.forward).
+    unit_offset (Gemma): times (1 + weight), in fp32 before rounding, where Llama rounds and then multiplies."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        # Initialised to the identity either way.
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.weight.float())).to(self.weight.dtype)
         return self.weight * xf.to(self.weight.dtype)
 
 
-def rope_inv_freq(args: ModelArgs) -> Tensor:
-    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+def norm(args: ModelArgs, dim: Optional[int] = None) -> RMSNorm:
+    """The model's RMSNorm over `dim` features (default: the model dimension)."""
+    return RMSNorm(dim or args.dim, args.norm_eps, args.norm_unit_offset)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
+def rope_inv_freq(args: ModelArgs, max_seq_len: int = 0) -> Tensor:
+    """The rotation frequencies of the first rotary_dim features of a head, for a context of max_seq_len."""
+    dim = args.rotary_dim or args.head_dim
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = args.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
+    if kind == "longrope":
+        # Phi-3 (LongRoPE): per-frequency divisors, the long set for contexts past the trained length. Decided once
+        # for the context the cache serves (as vLLM does), not per sequence as transformers does: the rotation of a
+        # position must not change once its key is cached (prefix cache, batching, a sequence growing past it).
+        long = max_seq_len > scaling["original_max_position_embeddings"]
+        inv_freq = inv_freq / torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
+    elif kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
         # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
@@ -64,14 +85,30 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
     return inv_freq.float()
 
 
+def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[Tensor, Tensor]:
+    """cos and sin [max_seq_len, rotary_dim] of positions 0..max_seq_len-1."""
+    inv_freq = rope_inv_freq(args, max_seq_len)
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    # LongRoPE scales the rotated features (so the attention logits by its square).
+    scale = (args.rope_scaling or {}).get("attention_factor", 1.0)
+    if scale != 1.0:
+        return emb.cos() * scale, emb.sin() * scale
+    return emb.cos(), emb.sin()
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, T, H, D] by the tables of its positions (cos, sin [B, T, 1, D]), in fp32."""
+    """Rotate x [B, T, H, D] by the tables of its positions (cos, sin [B, T, 1, R]), in fp32: all D features, or
+    the first R (partial rotary) with the others passed through."""
     xf = x.float()
+    if cos.shape[-1] < x.shape[-1]:
+        rot, rest = xf.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+        return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1).type_as(x)
     return (xf * cos + rotate_half(xf) * sin).type_as(x)
 
 

@@ -16,17 +16,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .args import ModelArgs
-from .layers import KVCache, Linear, RMSNorm, apply_rope, resize_, rope_inv_freq
+from .layers import ACTIVATIONS, KVCache, Linear, apply_rope, norm, resize_, rope_tables
 
 EXACT_TOP = 8  # logits recomputed in fp32 per row (Transformer.logits)
 
 
+def softcapped_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float, cap: float) -> Tensor:
+    """Attention whose logits are soft-capped to (-cap, cap) by cap * tanh(logits / cap) before the mask (Gemma 2),
+    which SDPA cannot do. q [B, H, T, D]; keys, values [B, Hkv, K, D]; mask [B, 1, T, K]. Logits and softmax in
+    fp32. The query heads that share a kv head are folded into its rows, so GQA reads each key once."""
+    bsz, n_head, seqlen, head_dim = q.shape
+    n_kv_heads, n_keys = keys.shape[1], keys.shape[2]
+    group = n_head // n_kv_heads
+    logits = (q.reshape(bsz, n_kv_heads, group * seqlen, head_dim) @ keys.transpose(-1, -2)).float() * scale
+    logits = torch.tanh(logits / cap) * cap
+    logits = logits.view(bsz, n_kv_heads, group, seqlen, n_keys).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).to(values.dtype)
+    return (probs.view(bsz, n_kv_heads, group * seqlen, n_keys) @ values).view(bsz, n_head, seqlen, head_dim)
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.n_head, self.n_kv_heads, self.head_dim = args.n_head, args.n_kv_heads, args.head_dim
         self.wqkv = Linear(args.dim, (args.n_head + 2 * args.n_kv_heads) * args.head_dim, bias=args.qkv_bias)
         self.wo = Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        # Per-head norms (Qwen3) act on each head alone: whole on every tensor-parallel rank.
+        self.q_norm = norm(args, args.head_dim) if args.qk_norm else None
+        self.k_norm = norm(args, args.head_dim) if args.qk_norm else None
+        self.scale, self.softcap = args.attn_scale, args.attn_softcap
+        # Whether this layer reads the sliding-window mask (Transformer.forward builds both masks).
+        self.sliding = args.sliding_window is not None and (
+            args.sliding_window_layers is None or layer_id in args.sliding_window_layers)
         self.kv_cache: Optional[KVCache] = None
 
     def shard(self, state: dict[str, Tensor], prefix: str, rank: int, world: int) -> None:
@@ -48,6 +69,8 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_head, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache = self.kv_cache
         n_keys = mask.shape[-1]  # read only the cache prefix the mask covers
@@ -58,8 +81,12 @@ class Attention(nn.Module):
             cache.update(slots, write_pos, k, v)
             keys = cache.k_cache[:, :, :n_keys].index_select(0, slots)
             values = cache.v_cache[:, :, :n_keys].index_select(0, slots)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                           enable_gqa=self.n_head != self.n_kv_heads)
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.n_head != self.n_kv_heads)
+        else:
+            y = softcapped_attention(q.transpose(1, 2), keys, values, mask, self.scale or self.head_dim ** -0.5,
+                                     self.softcap)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
 
 
@@ -69,6 +96,7 @@ class FeedForward(nn.Module):
         self.w1 = Linear(args.dim, args.intermediate_size, bias=False)
         self.w3 = Linear(args.dim, args.intermediate_size, bias=False)
         self.w2 = Linear(args.intermediate_size, args.dim, bias=False)
+        self.act = ACTIVATIONS[args.hidden_act]
 
     def shard(self, state: dict[str, Tensor], prefix: str, rank: int, world: int) -> None:
         """Keep 1/world of the intermediate features: w1's and w3's rows, w2's input columns."""
@@ -78,7 +106,7 @@ class FeedForward(nn.Module):
         self.w2 = self.w2.shard_columns(state, prefix + "w2.", rank * size, size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 def _expert_weights(num_experts: int, out_features: int, in_features: int) -> nn.Parameter:
@@ -150,17 +178,23 @@ class MoEFeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.feed_forward = MoEFeedForward(args) if args.num_experts else FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention_norm = norm(args)
+        self.ffn_norm = norm(args)
+        # Gemma 2 normalises each sublayer's output as well as its input.
+        self.post_attention_norm = norm(args) if args.post_norms else None
+        self.post_ffn_norm = norm(args) if args.post_norms else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Optional[Tensor],
                 write_pos: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, write_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        if self.post_attention_norm is None:
+            h = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, write_pos)
+            return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask, slots, write_pos))
+        return h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h)))
 
 
 def _run_layer(layer: TransformerBlock, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Optional[Tensor],
@@ -178,8 +212,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layer))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layer))
+        self.norm = norm(args)
         self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
@@ -197,10 +231,9 @@ class Transformer(nn.Module):
             attention = layer.attention  # its kv heads: a tensor-parallel rank holds only its share
             attention.kv_cache = KVCache(max_batch_size, max_seq_len, attention.n_kv_heads, attention.head_dim,
                                          weight.dtype, weight.device)
-        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_inv_freq(self.args))
-        emb = torch.cat((freqs, freqs), dim=-1).to(weight.device)
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        cos, sin = rope_tables(self.args, max_seq_len)
+        self.register_buffer("rope_cos", cos.to(weight.device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(weight.device), persistent=False)
         self.register_buffer("key_positions", torch.arange(max_seq_len + 1, device=weight.device),
                              persistent=False)
 
@@ -217,18 +250,26 @@ class Transformer(nn.Module):
         cos = self.rope_cos[pos].unsqueeze(2)
         sin = self.rope_sin[pos].unsqueeze(2)
         # A token sees every key at a position <= its own in its row's slot (never the scratch column).
-        mask = (self.key_positions[:kv_len] <= pos.unsqueeze(-1)).unsqueeze(1)
+        keys = self.key_positions[:kv_len]
+        mask = (keys <= pos.unsqueeze(-1)).unsqueeze(1)
+        window = self.args.sliding_window
+        # Sliding layers see only the last `window` of those.
+        window_mask = mask & (keys > pos.unsqueeze(-1) - window).unsqueeze(1) if window else None
         write_pos = torch.where(valid, positions, self.max_seq_len)
         # The residual stream is fp32 whatever the model dtype (the norms hand the layers the model dtype): its
         # 2 x n_layer additions rounded to bf16 were most of a bf16 model's distance from its fp32 logits (half of
         # it on SmolLM2, issue 13), for a few KB per token.
         x = self.tok_embeddings(tokens).float()
+        if self.args.scale_embeddings:  # Gemma: by sqrt(dim) rounded to the model dtype, as transformers does
+            x = x * torch.tensor(self.args.dim ** 0.5, dtype=self.tok_embeddings.weight.dtype, device=x.device)
         run_layer = _run_layer_compiled_once if self.compile_layers_once else _run_layer
         for layer in self.layers:
-            x = run_layer(layer, x, cos, sin, mask, slots, write_pos)
+            x = run_layer(layer, x, cos, sin, window_mask if layer.attention.sliding else mask, slots, write_pos)
         if logit_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logit_index]
-        return self.logits(self.norm(x))
+        logits = self.logits(self.norm(x))
+        cap = self.args.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def logits(self, h: Tensor) -> Tensor:
         """fp32 logits of the normed hidden states h; in bf16/fp16, the EXACT_TOP largest of each row are exact.
