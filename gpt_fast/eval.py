@@ -3,8 +3,9 @@
     python -m gpt_fast.eval checkpoints/stories110M --text story.txt
     python -m gpt_fast.eval checkpoints/stories110M --text story.txt --quantize int4 --groupsize 32
 
-The text is tokenized once (bos first) and scored in windows of --max-seq-len tokens. Consecutive windows
-share one token, so every token but the first is predicted exactly once, from the context of its window.
+The text is tokenized once (bos first, if the tokenizer adds one) and scored in windows of --max-seq-len tokens.
+Consecutive windows share one token, so every token but the first is predicted exactly once, from the context of
+its window.
 """
 import argparse
 import math

@@ -1,6 +1,7 @@
 """Generate text from a converted checkpoint, like gpt-fast's generate.py.
 
     python -m gpt_fast.generate --checkpoint checkpoints/tiny --prompt "The capital of France" --max-new-tokens 50
+    python -m gpt_fast.generate --checkpoint checkpoints/SmolLM2 --chat "What is the capital of France?"
 
 Tensor parallel over N GPUs (or N CPU processes), rank 0 prints:
 
@@ -23,7 +24,11 @@ from .model import tp
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory, or a .pth inside one")
-    ap.add_argument("--prompt", required=True)
+    text = ap.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="text to continue")
+    text.add_argument("--chat", metavar="MESSAGE", help="a user message, rendered by the model's chat template; "
+                                                        "the answer ends with the turn")
+    ap.add_argument("--system", help="with --chat: a system message before it")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -42,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="quantize the draft at load (without --draft-checkpoint: the target's own weights)")
     ap.add_argument("--speculate-k", type=int, default=4, help="tokens drafted per step")
     a = ap.parse_args(argv)
+    if a.system is not None and a.chat is None:
+        ap.error("--system needs --chat")
     if a.draft_quantize and not a.draft_checkpoint:
         a.draft_checkpoint = a.checkpoint
     speculate = "draft" if a.draft_checkpoint else "lookup" if a.lookup else None
@@ -66,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         if a.compile:
             engine.warmup()
         compile_s = time.perf_counter() - t0
-        prompt_ids = tokenizer.encode(a.prompt)
+        if a.chat is None:
+            prompt_ids = tokenizer.encode(a.prompt)
+        else:
+            system = [{"role": "system", "content": a.system}] if a.system is not None else []
+            prompt_ids = tokenizer.encode_chat(system + [{"role": "user", "content": a.chat}])
         engine.add("cli", prompt_ids, params)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -23,8 +23,10 @@ while [[ $# -gt 0 ]]; do
     *) usage ;;
   esac
 done
-[[ -f $CHECKPOINT/model.pth && -f $CHECKPOINT/config.json && -f $CHECKPOINT/tokenizer.model ]] || {
-  echo "error: $CHECKPOINT needs model.pth, config.json and tokenizer.model (see gpt_fast.convert)" >&2; exit 1; }
+[[ -f $CHECKPOINT/model.pth && -f $CHECKPOINT/config.json && ( -f $CHECKPOINT/tokenizer.model || \
+   -f $CHECKPOINT/tokenizer.json ) ]] || {
+  echo "error: $CHECKPOINT needs model.pth, config.json and tokenizer.json or tokenizer.model (see gpt_fast.convert)" >&2
+  exit 1; }
 [[ -f $CONFIG ]] || { echo "error: config not found: $CONFIG" >&2; exit 1; }
 CHECKPOINT=$(cd "$CHECKPOINT" && pwd)
 STORE=${GFS_MODEL_STORE:-$ROOT/model_store}

@@ -31,6 +31,7 @@ from gpt_fast.model.transformer import Transformer  # noqa: E402
 class NoTextTokenizer:
     """Random weights have no tokenizer: ids only, no stop ids, no text."""
     bos_id, eos_id, stop_ids = 1, 2, frozenset()
+    vocab_size = 1 << 31  # any id the model emits "decodes"
 
     def decode(self, ids: list[int]) -> str:
         return ""

@@ -14,6 +14,7 @@ same tokens; the token counts come from a `stream: false` run of each prompt.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -158,7 +159,8 @@ def check_openai_counts(server: LocalServer, counts: dict[str, int], new_tokens:
 
 def call_times(server: LocalServer) -> tuple[float, float]:
     """Median ms per handler call (TorchServe's 'Backend response time') and between a reply and the next
-    call (the frontend's round trip), from the frontend's log of the whole run."""
+    call (the frontend's round trip), from the frontend's log of the whole run; NaN when the log configuration
+    drops those lines (scripts/log4j2.xml does; GFS_LOG_CONFIG= keeps TorchServe's own)."""
     stamps, backend = [], []
     for line in server.log("ts_log.log").splitlines():
         if "Backend response time:" in line:
@@ -168,6 +170,8 @@ def call_times(server: LocalServer) -> tuple[float, float]:
             stamps.append(stamp)
             backend.append(float(line.rsplit(":", 1)[1]))
     gaps = [(stamps[i + 1] - stamps[i]) * 1e3 - backend[i + 1] for i in range(len(stamps) - 1)]
+    if not gaps:
+        return math.nan, math.nan
     return statistics.median(backend), statistics.median(gaps)
 
 
@@ -238,19 +242,19 @@ def main() -> None:
                   .json()["usage"]["completion_tokens"] for p in PROMPTS}
         check_openai_counts(server, counts, a.new_tokens)
         # One stream: engine and server requests alternate (the idle one takes no CPU), so drift in what the
-        # machine gives (other tenants, memory bandwidth) hits both alike; so do the two APIs.
+        # machine gives (other tenants, memory bandwidth) hits both alike; so do the two APIs, in turns first.
         engines, servers, openai = [], [], []
-        for prompt in PROMPTS[:3] * 3:
+        for i, prompt in enumerate(PROMPTS[:3] * 4):
             engines.append(engine_one(engine, prompt, a.new_tokens))
-            for api, runs in ((NATIVE, servers), (OPENAI, openai)):
+            for api, runs in ((NATIVE, servers), (OPENAI, openai))[::1 if i % 2 else -1]:
                 start, first, end = stream_one(server, prompt, a.new_tokens, api)
                 runs.append((first - start, (counts[prompt] - 1) / (end - first)))
         (ttft_engine, tps_engine), (ttft_server, tps_server), (ttft_openai, tps_openai) = (
             [statistics.median(column) for column in zip(*runs)] for runs in (engines, servers, openai))
-        # Concurrent streams: the two APIs alternate at each level, twice (A B B A), medians of the two.
+        # Concurrent streams: the two APIs alternate at each level, in turns first (A B B A A B B A), medians.
         rounds = {(c, api): [] for c in a.concurrency for api in (NATIVE, OPENAI)}
         for c in a.concurrency:
-            for api in (NATIVE, OPENAI, OPENAI, NATIVE):
+            for api in (NATIVE, OPENAI, OPENAI, NATIVE) * 2:
                 rounds[c, api].append(concurrent(server, c, 2, a.new_tokens, counts, api))
         aggregate = {key: statistics.median(runs) for key, runs in rounds.items()}
         prefix_server = server_prefix_ttft(server, engine.tokenizer)

@@ -3,10 +3,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_tokenizers import byte_level
 
 from gpt_fast.checkpoints.gguf import convert_gguf
 from gpt_fast.checkpoints.load import load_model
 from gpt_fast.checkpoints.tiny import build_tiny
+from gpt_fast.model.args import ModelArgs
 from gpt_fast.text.tokenizer import load_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,3 +43,15 @@ def parts(tiny_checkpoint):
     """The tiny model in fp32 and its tokenizer, for in-process serving tests (tests/test_serving.py's make_loop)."""
     model = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
     return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny model's weights with a tokenizer.json tokenizer (byte-level BPE, ChatML template): a "huggingface"
+    checkpoint whose 401 tokens are fewer than the model's 515 embedding rows, like a padded vocabulary."""
+    directory = byte_level(tmp_path_factory.mktemp("chat"))
+    (directory / "model.pth").symlink_to(tiny_checkpoint / "model.pth")
+    args = ModelArgs.load(tiny_checkpoint / "config.json")
+    args.tokenizer = "huggingface"
+    args.save(directory / "config.json")
+    return directory

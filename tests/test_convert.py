@@ -6,16 +6,18 @@ import pytest
 import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
+from hf_tokenizers import byte_level
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from gpt_fast.arch import model_args_from_hf
 from gpt_fast.checkpoints.convert import convert, find_tokenizer
 from gpt_fast.checkpoints.download import select_files
-from gpt_fast.checkpoints.load import load_model
+from gpt_fast.checkpoints.load import load, load_model
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.model.args import NAMED_SHAPES, ModelArgs
 from gpt_fast.model.transformer import Transformer
+from gpt_fast.text.hf_tokenizer import HuggingFaceTokenizer
 from gpt_fast.text.tokenizer import load_tokenizer
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -224,17 +226,45 @@ def test_find_tokenizer(tmp_path: Path) -> None:
 
 
 def test_download_selects_only_needed_files() -> None:
+    # tokenizer.json (with its config and chat template) when the repo has one, as the converter prefers it.
     mistral = ["config.json", "generation_config.json", "consolidated.safetensors", "params.json",
                "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-               "model.safetensors.index.json", "tokenizer.model", "tokenizer.model.v3", "tokenizer.json"]
+               "model.safetensors.index.json", "tokenizer.model", "tokenizer.model.v3", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json"]
     assert select_files(mistral) == ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
                                      "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-                                     "tokenizer.model"]
+                                     "tokenizer.json", "tokenizer_config.json"]
     llama3 = ["config.json", "model.safetensors", "original/consolidated.00.pth", "original/params.json",
-              "original/tokenizer.model", "tokenizer.json"]
-    assert select_files(llama3) == ["config.json", "model.safetensors", "original/tokenizer.model"]
+              "original/tokenizer.model", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert select_files(llama3) == ["chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json",
+                                    "tokenizer_config.json"]
+    llama3_meta = ["config.json", "model.safetensors", "original/tokenizer.model"]
+    assert select_files(llama3_meta) == llama3_meta
     old = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
            "pytorch_model.bin.index.json", "tokenizer.model"]
     assert select_files(old) == old
     with pytest.raises(ValueError, match="no weights"):
         select_files(["config.json", "tokenizer.model", "consolidated.safetensors"])
+
+
+def test_tokenizer_json_checkpoint(tmp_path: Path, sp_model_bytes: bytes) -> None:
+    # SmolLM2, Qwen, Llama 3 repos: tokenizer.json (+ its config, chat template, generation config), here next to a
+    # tokenizer.model too: tokenizer.json wins, as AutoTokenizer reads it.
+    hf_dir, out_dir = tmp_path / "hf", tmp_path / "out"
+    make_hf_checkpoint("llama2_mha", hf_dir, sp_model_bytes)
+    byte_level(hf_dir, vocab_size=300)
+    (hf_dir / "chat_template.jinja").write_text("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}")
+    convert(hf_dir, out_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["chat_template.jinja", "config.json",
+                                                         "generation_config.json", "model.pth", "tokenizer.json",
+                                                         "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (out_dir / name).read_bytes() == (hf_dir / name).read_bytes()
+    model, tokenizer = load(out_dir, device="cpu", dtype=torch.float32)
+    assert model.args.tokenizer == "huggingface" and isinstance(tokenizer, HuggingFaceTokenizer)
+    assert tokenizer.stop_ids == {2, 0} and not tokenizer.add_bos
+    assert tokenizer.encode_chat([{"role": "user", "content": "hi"}]) == [1] + tokenizer.encode("hi")
+    (hf_dir / "chat_template.jinja").write_text("{% if %}")
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        convert(hf_dir, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

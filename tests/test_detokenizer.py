@@ -2,6 +2,7 @@
 import random
 
 import pytest
+from hf_tokenizers import byte_level, llama2_legacy, metaspace
 from test_tokenizer import write_tiktoken_file
 
 from gpt_fast.text.detokenizer import IncrementalDetokenizer
@@ -20,6 +21,24 @@ def tt(tmp_path_factory):
     return load_tokenizer(path)
 
 
+@pytest.fixture(scope="module")
+def bl(tmp_path_factory):
+    return load_tokenizer(byte_level(tmp_path_factory.mktemp("byte_level")))
+
+
+@pytest.fixture(scope="module")
+def ms(tmp_path_factory):
+    return load_tokenizer(metaspace(tmp_path_factory.mktemp("metaspace")))
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+    return load_tokenizer(llama2_legacy(tmp_path_factory.mktemp("llama2_legacy")))
+
+
+ALL = ["sp", "tt", "bl", "ms", "legacy"]
+
+
 def stream(tokenizer, generated, prompt=(), chunk=1):
     """The deltas of pushing `generated` `chunk` ids at a time, then the flush."""
     detok = IncrementalDetokenizer(tokenizer, prompt)
@@ -35,7 +54,7 @@ ENGLISH = " The capital of France is Paris.  Two  spaces,\na newline and 123 dig
 MULTIBYTE = "日本語 🎉👍 café, naïve ❤️ 한국어 end"
 
 
-@pytest.mark.parametrize("name", ["sp", "tt"])
+@pytest.mark.parametrize("name", ALL)
 def test_english_keeps_leading_spaces(name, request):
     tok = request.getfixturevalue(name)
     prompt = tok.encode("Q: where?")
@@ -51,7 +70,7 @@ def test_english_keeps_leading_spaces(name, request):
     assert deltas[0].startswith(" ")  # sentencepiece alone would decode the first token without its space
 
 
-@pytest.mark.parametrize("name", ["sp", "tt"])
+@pytest.mark.parametrize("name", ALL)
 def test_multibyte_characters_come_out_whole(name, request):
     tok = request.getfixturevalue(name)
     generated = tok.encode(MULTIBYTE, bos=False)
@@ -80,18 +99,39 @@ def test_incomplete_character_at_the_end_is_flushed_like_decode(sp):
     assert detok.flush() == ""
 
 
-@pytest.mark.parametrize("name", ["sp", "tt"])
+@pytest.mark.parametrize("name", ALL)
 def test_random_token_sequences(name, request):
     tok = request.getfixturevalue(name)
     rng = random.Random(0)
     prompts = [(), tok.encode("Hello"), tok.encode("日本", bos=False), [tok.bos_id]]
     for trial in range(300):
-        # Bias towards byte tokens and control tokens: those are where decoding is not compositional.
-        pool = range(tok.vocab_size) if trial % 2 else list(range(0, 300)) + [tok.bos_id, tok.eos_id] * 5
-        generated = [rng.choice(pool) for _ in range(rng.randint(1, 40))]
+        if name in BYTE_FALLBACK:
+            generated = valid_byte_runs(tok, rng)
+        else:
+            # Bias towards byte tokens and control tokens: those are where decoding is not compositional.
+            pool = range(tok.vocab_size) if trial % 2 else list(range(0, 300)) + [tok.bos_id, tok.eos_id] * 5
+            generated = [rng.choice(pool) for _ in range(rng.randint(1, 40))]
         prompt = prompts[trial % len(prompts)]
         chunk = rng.choice([1, 1, 2, 3])
         assert "".join(stream(tok, generated, prompt, chunk)) == expected(tok, generated, prompt), (generated, prompt)
+
+
+# tokenizers' ByteFallback decoder makes a whole run of byte tokens U+FFFDs if one byte is invalid, which no stream
+# can follow (it would unsay characters already shown): random sequences for these keep every run valid UTF-8.
+BYTE_FALLBACK = ("ms", "legacy")
+
+
+def valid_byte_runs(tok, rng: random.Random) -> list[int]:
+    """Random pieces and special tokens, and characters spelled as byte tokens (runs of them stay valid UTF-8)."""
+    byte_ids = [tok.backend.token_to_id(f"<0x{b:02X}>") for b in range(256)]
+    pieces = [i for i in range(tok.vocab_size) if i not in byte_ids]
+    generated, length = [], rng.randint(1, 40)
+    while len(generated) < length:
+        if rng.random() < 0.5:
+            generated.append(rng.choice(pieces))
+        else:
+            generated += [byte_ids[b] for b in rng.choice("日本語🎉é❤️한 ").encode()]
+    return generated
 
 
 class CountingTokenizer(Tokenizer):

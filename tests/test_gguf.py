@@ -23,7 +23,6 @@ from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.model.args import ModelArgs
 from gpt_fast.model.layers import rope_inv_freq
-from gpt_fast.text.tokenizer import Tokenizer as EngineTokenizer
 from gpt_fast.text.tokenizer import load_tokenizer
 
 CORPUS = ["Hello world", " leading space", "In 2024, 12345 people paid $3.50.", "Ünïcödé façade naïve",
@@ -349,23 +348,6 @@ def smollm2_reference(smollm2_gguf: Path):
     return tokenizer, model
 
 
-class JsonTokenizer(EngineTokenizer):
-    """What the engine needs of tokenizer.json (until gpt_fast.text loads it): stop ids, encode, decode."""
-
-    def __init__(self, checkpoint: Path):
-        self.backend = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-        generation = json.loads((checkpoint / "generation_config.json").read_text())
-        self.bos_id, self.eos_id = generation["bos_token_id"], generation["eos_token_id"][0]
-        self.stop_ids = frozenset(generation["eos_token_id"])
-        self.vocab_size = self.backend.get_vocab_size()
-
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=True)
-
-
 def test_smollm2_converts_with_its_tokenizer(smollm2_checkpoint: Path, smollm2_reference) -> None:
     reference, _ = smollm2_reference
     args = ModelArgs.load(smollm2_checkpoint / "config.json")
@@ -381,9 +363,13 @@ def test_smollm2_converts_with_its_tokenizer(smollm2_checkpoint: Path, smollm2_r
     config = json.loads((smollm2_checkpoint / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<|im_start|>", "<|im_end|>",
                                                                                   False)
+    tokenizer = load_tokenizer(smollm2_checkpoint)
+    assert not tokenizer.add_bos and tokenizer.stop_ids == {2}
     for chat in CHATS:
         assert auto.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
             reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert tokenizer.encode_chat(chat) == reference.apply_chat_template(chat, add_generation_prompt=True,
+                                                                            tokenize=True, return_dict=False)
 
 
 def test_smollm2_greedy_matches_transformers(smollm2_checkpoint: Path, smollm2_reference) -> None:
@@ -399,7 +385,7 @@ def test_smollm2_greedy_matches_transformers(smollm2_checkpoint: Path, smollm2_r
                               eos_token_id=end_of_turn)[0, len(prompt):].tolist()
             expected.append(out[:out.index(end_of_turn) + 1] if end_of_turn in out else out)
     model = load_model(smollm2_checkpoint, device="cpu", dtype=torch.float32)
-    engine = Engine(model, JsonTokenizer(smollm2_checkpoint), max_batch_size=4, max_seq_len=256)
+    engine = Engine(model, load_tokenizer(smollm2_checkpoint), max_batch_size=4, max_seq_len=256)
     got = [c.tokens for c in engine.generate(prompts, SamplingParams(max_new_tokens=48, temperature=0.0))]
     assert got == expected
     assert reference.decode(got[0], skip_special_tokens=True).startswith("The capital of France is Paris")

@@ -9,9 +9,9 @@ import pytest
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.request import Request, _partial_stop
 from gpt_fast.engine.sampling import SamplingParams
-from gpt_fast.serving.fields import MAX_STOP_BYTES, MAX_STOP_CHARS, RequestError
+from gpt_fast.serving.fields import MAX_PROMPT_CHARS_PER_TOKEN, MAX_STOP_BYTES, MAX_STOP_CHARS, RequestError
 from gpt_fast.serving.openai import CompletionResponse
-from gpt_fast.serving.protocol import MAX_PROMPT_CHARS_PER_TOKEN, parse_request
+from gpt_fast.serving.protocol import parse_request
 from test_serving import DEFAULTS, make_loop, run
 
 PROMPT = "Once upon a time"
@@ -42,26 +42,30 @@ def refusal(reply) -> str:
     ({"prompt": "x", "max_new_tokens": list(range(1_000_000))}, "max_new_tokens"),
     ({"prompt": "x", "y" * 6_000_000: 1}, "y" * 97 + "..."),  # echoed whole, it overflowed the worker's reply
 ])
-def test_hostile_bodies_are_refused_naming_the_field(body, field):
+def test_hostile_bodies_are_refused_naming_the_field(body, field, parts):
     with pytest.raises(RequestError) as e:
-        parse_request(body if isinstance(body, bytes) else json.dumps(body), DEFAULTS, max_seq_len=64)
+        parse_request(body if isinstance(body, bytes) else json.dumps(body), DEFAULTS, 64, parts[1])
     assert e.value.field == field
     assert len(e.value.message) < 300  # never echoes the megabytes back
 
 
-def test_stop_limits_admit_what_they_say():
+def test_stop_limits_admit_what_they_say(parts):
     stop = ["é" * (MAX_STOP_BYTES // 2 // 4)] * 4  # 2 bytes per character: exactly the byte limit
-    assert parse_request({"prompt": "x", "stop": stop}, DEFAULTS, max_seq_len=64).params.stop == tuple(stop)
+    assert parse_request({"prompt": "x", "stop": stop}, DEFAULTS, 64, parts[1]).params.stop == tuple(stop)
 
 
 def test_long_prompts_are_refused_before_tokenizing(parts, monkeypatch):
     loop, _ = make_loop(parts)
     limit = MAX_PROMPT_CHARS_PER_TOKEN * loop.engine.max_seq_len
     monkeypatch.setattr(loop.engine.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized an over-long prompt"))
-    (native, openai) = loop.step([("a", {"prompt": "x" * (limit + 1)}, ""),
-                                  ("b", {"prompt": "x" * (limit + 1)}, "v1/completions")])
+    monkeypatch.setattr(loop.engine.tokenizer, "encode_chat", lambda *a: pytest.fail("tokenized an over-long chat"))
+    messages = [{"role": "system", "content": "x" * (limit // 2)}, {"role": "user", "content": "x" * (limit // 2 + 1)}]
+    (native, openai, chat) = loop.step([("a", {"prompt": "x" * (limit + 1)}, ""),
+                                        ("b", {"prompt": "x" * (limit + 1)}, "v1/completions"),
+                                        ("c", {"messages": messages}, "")])
     assert refusal(native) == "prompt" and str(limit) in json.loads(native.body)["error"]
     assert openai.status == 400 and json.loads(openai.body)["error"]["param"] == "prompt"
+    assert refusal(chat) == "messages" and str(limit) in json.loads(chat.body)["error"]
 
 
 def test_a_request_our_code_fails_ends_alone(parts, monkeypatch):

@@ -122,6 +122,13 @@ def test_int4_file_loads_and_matches_in_memory(tiny_checkpoint, tokenizer, tmp_p
     assert "output.weight" not in loaded.state_dict()
 
 
+def test_quantized_copy_keeps_a_tokenizer_json_tokenizer(chat_checkpoint, tmp_path):
+    out = quantize_checkpoint(chat_checkpoint, "int8", out_dir=tmp_path / "q")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (chat_checkpoint / name).read_bytes()
+    assert load_tokenizer(out).chat_template is not None
+
+
 def test_tied_embeddings_quantize_a_separate_output(tmp_path, tiny_checkpoint):
     model = random_model(tie_embeddings=True)
     src = tmp_path / "tied"

@@ -217,6 +217,9 @@ BAD_REQUESTS = [
     (b"[" * 1000, "body"),  # nested past the JSON parser's recursion limit
     (b'{"prompt": ' + b"[" * 1000 + b"}", "body"),
     ({"prompt": "x", "stop": ["s" * 300_000] * 16}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),  # the tiny model has no chat template
+    ({"messages": [{"role": "user", "content": "hi"}], "prompt": "x"}, "messages"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]"),
 ]
 
 

@@ -54,24 +54,32 @@ def test_device_follows_the_gpu_torchserve_assigns():
 
 @pytest.mark.parametrize("body", [b'{"prompt": "hi", "stop": "x"}', '{"prompt": "hi", "stop": "x"}',
                                   {"prompt": "hi", "stop": "x"}, bytearray(b'{"prompt": "hi", "stop": "x"}')])
-def test_parse_request_takes_raw_or_decoded_bodies(body):
-    request = parse_request(body, DEFAULTS, max_seq_len=64)
-    assert request.prompt == "hi" and request.stream and request.params == SamplingParams(max_new_tokens=16,
-                                                                                          stop=("x",))
+def test_parse_request_takes_raw_or_decoded_bodies(body, tiny_tokenizer):
+    request = parse_request(body, DEFAULTS, 64, tiny_tokenizer)
+    assert request.prompt_ids == tiny_tokenizer.encode("hi") and request.prompt_field == "prompt"
+    assert request.stream and request.params == SamplingParams(max_new_tokens=16, stop=("x",))
 
 
-def test_parse_request_errors_name_the_field():
+def test_parse_request_errors_name_the_field(tiny_tokenizer):
+    def parse(body):
+        return parse_request(body, DEFAULTS, 64, tiny_tokenizer)
+
     with pytest.raises(RequestError) as e:
-        parse_request({"prompt": "hi", "top_k": 2.0}, DEFAULTS, max_seq_len=64)
+        parse({"prompt": "hi", "top_k": 2.0})
     assert json.loads(error_body(e.value)) == {"error": "must be an integer, got 2.0", "field": "top_k"}
     with pytest.raises(RequestError, match="form fields"):
-        parse_request({"prompt": b"hi"}, DEFAULTS, max_seq_len=64)
+        parse({"prompt": b"hi"})
     with pytest.raises(RequestError, match="at most 16"):
-        parse_request({"prompt": "hi", "stop": ["s"] * 17}, DEFAULTS, max_seq_len=64)
+        parse({"prompt": "hi", "stop": ["s"] * 17})
     with pytest.raises(RequestError) as e:
-        parse_request({"prompt": "hi", "speculate": "no"}, DEFAULTS, max_seq_len=64)
+        parse({"prompt": "hi", "speculate": "no"})
     assert e.value.field == "speculate"
-    assert not parse_request({"prompt": "hi", "speculate": False}, DEFAULTS, max_seq_len=64).params.speculate
+    assert not parse({"prompt": "hi", "speculate": False}).params.speculate
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(parts):
+    return parts[1]
 
 
 def make_loop(parts, max_batch_size=4, prefix_cache_bytes=0, values=False):
@@ -85,10 +93,10 @@ def make_loop(parts, max_batch_size=4, prefix_cache_bytes=0, values=False):
     return loop, events
 
 
-def run(loop, bodies: dict) -> dict:
+def run(loop, bodies: dict, path: str = "") -> dict:
     """Drive the loop as TorchServe does (bodies first, then None) until every request has finished."""
     replies = {rid: [] for rid in bodies}
-    batch = [(rid, body, "") for rid, body in bodies.items()]
+    batch = [(rid, body, path) for rid, body in bodies.items()]
     while batch:
         for (rid, _, _), reply in zip(batch, loop.step(batch)):
             replies[rid].append(reply)

@@ -122,7 +122,7 @@ def test_logprobs_and_penalties_under_speculation(target, tokenizer, tiny_checkp
 
 class CharTokenizer:
     """Token i is the letter chr(65 + i); nothing stops generation."""
-    bos_id, eos_id, stop_ids = None, None, frozenset()
+    bos_id, eos_id, stop_ids, vocab_size = None, None, frozenset(), 16
 
     def decode(self, ids):
         return "".join(chr(65 + i) for i in ids)

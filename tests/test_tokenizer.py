@@ -94,8 +94,10 @@ def test_load_tokenizer(tiny_checkpoint, tiktoken_dir):
 
 
 def test_load_tokenizer_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.model")):
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer in {tmp_path} .expected tokenizer.json or "):
         load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.json")):
+        load_tokenizer(tmp_path, "huggingface")
     (tmp_path / "tokenizer.model").write_text("neither kind\n")
     with pytest.raises(ValueError, match="tokenizer.model: neither"):
         load_tokenizer(tmp_path)

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face checkpoint directory into model.pth, config.json, tokenizer.model.
+"""Convert a Hugging Face checkpoint directory into model.pth, config.json and the tokenizer.
 
     python -m gpt_fast.convert HF_DIR OUT_DIR
     python -m gpt_fast.convert FILE.gguf OUT_DIR [--dtype float32]     # see gguf.py
@@ -7,6 +7,10 @@ The architecture's adapter (gpt_fast/arch) maps config.json to ModelArgs and eac
 streamed shard by shard: each tensor is renamed as it is read, and the parts of a fused or stacked tensor (q/k/v
 into `wqkv`, Mixtral's experts) are joined as soon as its last part has been seen (they may sit in different
 shards), so the converter holds the model roughly once, never a shard and its converted copy together.
+
+The tokenizer: tokenizer.json when the directory has one (what transformers' AutoTokenizer reads), copied with
+tokenizer_config.json, chat_template.jinja and generation_config.json; else tokenizer.model (sentencepiece, or Llama
+3's tiktoken file under original/).
 """
 import argparse
 import json
@@ -19,22 +23,11 @@ import torch
 from safetensors import safe_open
 
 from ..arch import for_hf_config
-from ..text.tokenizer import detect_kind
+from ..text.hf_tokenizer import HuggingFaceTokenizer
+from ..text.tokenizer import find_tokenizer, tokenizer_files
 from .gguf import convert_gguf
 from .load import DTYPES
 from .weights import convert_weights, save_checkpoint
-
-
-def find_tokenizer(hf_dir: Path) -> tuple[Path, str]:
-    """Locate tokenizer.model (Llama 3 keeps its tiktoken file under original/) and tell its kind."""
-    for path in (hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"):
-        if path.is_file():
-            kind = detect_kind(path)
-            if kind is None:
-                raise ValueError(f"{path}: neither a sentencepiece model nor a tiktoken BPE file")
-            return path, kind
-    raise FileNotFoundError(f"no tokenizer.model in {hf_dir} or {hf_dir / 'original'} "
-                            "(tokenizer.json-only checkpoints are not supported)")
 
 
 def find_weight_files(hf_dir: Path) -> list[Path]:
@@ -86,13 +79,16 @@ def convert(hf_dir: Path, out_dir: Path) -> Path:
     arch = for_hf_config(config)
     args = arch.model_args(config, generation)
     # Find everything before the slow part so a bad directory fails at once.
-    tokenizer_path, args.tokenizer = find_tokenizer(hf_dir)
+    _, args.tokenizer = find_tokenizer(hf_dir)
+    if args.tokenizer == "huggingface":
+        HuggingFaceTokenizer(hf_dir)  # a malformed tokenizer.json or chat template fails here, not at serving time
     files = find_weight_files(hf_dir)
 
     state = convert_weights(_read_shards(files), args, arch)
     weights_path = save_checkpoint(state, args, out_dir)
-    if tokenizer_path.resolve() != (out_dir / "tokenizer.model").resolve():
-        shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+    for source in tokenizer_files(hf_dir):
+        if source.resolve() != (out_dir / source.name).resolve():
+            shutil.copyfile(source, out_dir / source.name)
     return weights_path
 
 

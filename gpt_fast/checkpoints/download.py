@@ -12,7 +12,10 @@ from pathlib import Path
 from huggingface_hub import list_repo_files, snapshot_download
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
-_ALWAYS = ("config.json", "generation_config.json", "tokenizer.model", "original/tokenizer.model")
+_ALWAYS = ("config.json", "generation_config.json")
+# The tokenizer by gpt_fast.convert's rule: tokenizer.json with its config and chat template, else tokenizer.model.
+_HF_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+_TOKENIZER_MODEL = ("tokenizer.model", "original/tokenizer.model")
 # Only the transformers layout: consolidated*.safetensors and original/*.pth hold the same weights again in
 # Mistral's / Meta's own format, and would double the download.
 _SAFETENSORS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
@@ -20,14 +23,15 @@ _BIN = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.inde
 
 
 def select_files(repo_files: list[str]) -> list[str]:
-    """Configs, tokenizer.model and one weight format (safetensors when the repo has it, else .bin)."""
+    """Configs, the tokenizer and one weight format (safetensors when the repo has it, else .bin)."""
     def matching(patterns: tuple[str, ...]) -> list[str]:
         return [f for f in repo_files if any(fnmatch.fnmatchcase(f, p) for p in patterns)]
 
     weights = matching(_SAFETENSORS) or matching(_BIN)
     if not weights:
         raise ValueError("no weights in the transformers layout (model*.safetensors or pytorch_model*.bin)")
-    return sorted(matching(_ALWAYS) + weights)
+    tokenizer = matching(_HF_TOKENIZER) if "tokenizer.json" in repo_files else matching(_TOKENIZER_MODEL)
+    return sorted(matching(_ALWAYS) + tokenizer + weights)
 
 
 def download(repo_id: str, out_dir: Path) -> Path:

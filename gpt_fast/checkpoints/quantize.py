@@ -4,7 +4,7 @@
     python -m gpt_fast.quantize checkpoints/Llama-3.1-8B-Instruct --mode int4 --groupsize 128
 
 writes checkpoints/Llama-3.1-8B-Instruct-int8/ (or -int4-g128/): model.pth, config.json with the scheme under
-"quantization" (loading reads it from there, never from a name) and a copy of tokenizer.model. A quantized
+"quantization" (loading reads it from there, never from a name) and a copy of the tokenizer's files. A quantized
 checkpoint is thus an ordinary checkpoint directory: generate, eval, bench and the handler load it as they are.
 Quantization runs on the CPU and keeps the checkpoint's dtype for scales; int4 codes are saved unpacked, so one
 file serves CPU and CUDA.
@@ -19,6 +19,7 @@ import torch
 
 from ..model.args import QUANT_MODES, ModelArgs, quantization_scheme, scheme_name
 from ..model.quantized import quantize_model
+from ..text.tokenizer import tokenizer_files
 from .load import load_model, resolve_checkpoint
 
 
@@ -42,7 +43,8 @@ def quantize_checkpoint(path: Union[str, Path], mode: str, groupsize: Optional[i
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out_dir / "model.pth")
     model.args.save(out_dir / "config.json")
-    shutil.copyfile(src / "tokenizer.model", out_dir / "tokenizer.model")
+    for path in tokenizer_files(src):
+        shutil.copyfile(path, out_dir / path.name)
     size_gb = (out_dir / "model.pth").stat().st_size / 1e9
     print(f"wrote {out_dir / 'model.pth'} ({size_gb:.2f} GB, {scheme_name(scheme)})", file=sys.stderr)
     return out_dir

@@ -36,7 +36,11 @@ def default_max_seq_len(args: ModelArgs) -> int:
     return min(DEFAULT_MAX_SEQ_LEN, args.max_position_embeddings)
 
 
-class PromptTooLongError(ValueError):
+class InvalidPromptError(ValueError):
+    """A prompt the engine cannot run (the request's fault, not the engine's)."""
+
+
+class PromptTooLongError(InvalidPromptError):
     pass
 
 
@@ -65,7 +69,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = model.tok_embeddings.weight.device
-        self.runner = ModelRunner(model, max_batch_size, max_seq_len, compile)
+        self.runner = ModelRunner(model, max_batch_size, max_seq_len, compile, tokenizer.vocab_size)
         self.decode_buckets = batch_buckets(max_batch_size)
         self.kv_buckets = self.runner.kv_buckets
         self.waiting: deque[Request] = deque()
@@ -91,7 +95,7 @@ class Engine:
         if draft_model.args.vocab_size != self.model.args.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft_model.args.vocab_size} tokens) differs from the "
                              f"target's ({self.model.args.vocab_size}): they must share the tokenizer")
-        draft = ModelRunner(draft_model, self.max_batch_size, self.max_seq_len, compile)
+        draft = ModelRunner(draft_model, self.max_batch_size, self.max_seq_len, compile, self.tokenizer.vocab_size)
         cost = draft_model.args.weight_bytes(_element_size(draft_model)) / \
             self.model.args.weight_bytes(_element_size(self.model))
         return Speculator(self.runner, draft, k, self.max_seq_len, draft_cost=cost)
@@ -108,7 +112,10 @@ class Engine:
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; it is prefilled at the next step() with a free slot."""
         if not prompt_ids:
-            raise ValueError("prompt is empty")
+            raise InvalidPromptError("prompt is empty")
+        if not 0 <= min(prompt_ids) <= max(prompt_ids) < self.model.args.vocab_size:
+            raise InvalidPromptError(f"prompt has token ids outside the model's {self.model.args.vocab_size}-row "
+                                     "embedding (the tokenizer has more tokens than the model)")
         if len(prompt_ids) >= self.max_seq_len:
             raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens but the context holds "
                                      f"{self.max_seq_len} (at most {self.max_seq_len - 1} prompt tokens)")

@@ -11,7 +11,7 @@ Compiled, every batch size and step width is its own graph. How lengths are comp
 Eager, lengths are only rounded up a little (the cache prefix read to a multiple of KV_STEP).
 """
 import bisect
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -58,20 +58,28 @@ def bucket(buckets: Sequence[int], n: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, compile: bool = False):
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, compile: bool = False,
+                 vocab_size: Optional[int] = None):
+        """vocab_size: the logits returned are those of ids 0..vocab_size-1 (the tokenizer's; a model may have
+        padding rows beyond them, which must never be sampled); None keeps every row."""
         model.setup_caches(max_batch_size, max_seq_len)
         self.model = model.requires_grad_(False)  # compiled graphs of parameters that require grad save activations
         self.device = model.tok_embeddings.weight.device
+        self.vocab_size = min(vocab_size or model.args.vocab_size, model.args.vocab_size)
         self.static_lengths = compile and self.device.type == "cuda"
         self.dynamic_lengths = compile and not self.static_lengths
         self.kv_buckets = kv_buckets(max_seq_len, self.static_lengths)
         self.prefill_buckets = prefill_buckets(max_seq_len, self.static_lengths, CPU_PREFILL_STEP if compile else 1)
-        self._rows, self._slot = self._rows_logits, model
+        self._rows, self._slot = self._rows_logits, self._slot_logits
         if compile:
             self._compile()
 
+    # The slices are views: samplers, speculative verification and drafts simply never see the padding ids.
     def _rows_logits(self, tokens: Tensor, positions: Tensor, keys: Tensor) -> Tensor:
-        return self.model(tokens, positions, kv_len=keys.shape[0])
+        return self.model(tokens, positions, kv_len=keys.shape[0])[..., :self.vocab_size]
+
+    def _slot_logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, logit_index: Tensor) -> Tensor:
+        return self.model(tokens, positions, slots, logit_index)[..., :self.vocab_size]
 
     def _compile(self) -> None:
         cuda = self.device.type == "cuda"
@@ -94,7 +102,7 @@ class ModelRunner:
 
         self._rows = with_settings(torch.compile(self._rows_logits, mode="reduce-overhead" if cuda else None,
                                                  fullgraph=True, dynamic=False))
-        self._slot = with_settings(torch.compile(self.model, fullgraph=True, dynamic=False))
+        self._slot = with_settings(torch.compile(self._slot_logits, fullgraph=True, dynamic=False))
 
     def rows(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
         """tokens, positions [B, T] for slots 0..B-1, every position below kv_len -> logits [B, T, V]."""

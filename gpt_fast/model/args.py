@@ -66,7 +66,8 @@ class ModelArgs:
     # the layers listed in sliding_window_layers (None: every layer). The KV cache still keeps every position.
     sliding_window: Optional[int] = None
     sliding_window_layers: Optional[list] = None
-    # Which tokenizer file sits next to the weights: "sentencepiece" or "tiktoken".
+    # Which tokenizer sits next to the weights: "sentencepiece" or "tiktoken" (tokenizer.model), or "huggingface"
+    # (tokenizer.json with tokenizer_config.json and generation_config.json).
     tokenizer: str = "sentencepiece"
     # Extra stop ids (e.g. from generation_config.json); the tokenizer adds its own eos ids.
     stop_token_ids: list = field(default_factory=list)

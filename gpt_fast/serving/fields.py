@@ -1,9 +1,11 @@
-"""JSON values checked against the types a field takes, for the handler config and the request protocols alike."""
+"""JSON values checked against the types a field takes, for the handler config and the request protocols alike;
+the sampling parameters and the chat `messages` every protocol takes."""
 import json
 import math
 from typing import Any, Optional, Union
 
 from ..engine.sampling import InvalidParam, SamplingParams
+from ..text.tokenizer import Tokenizer
 
 # Stop strings are checked against every text delta on the engine thread the whole batch shares.
 MAX_STOP_STRINGS = 16
@@ -13,6 +15,10 @@ MAX_STOP_BYTES = 4096  # all of them, UTF-8
 # handler sees it (JSON text without "=" arrives as nothing, "+" as a space), so the JSON cannot be recovered.
 SEND_JSON = ('send a JSON object with the header "Content-Type: application/json" '
              '(curl: -H "Content-Type: application/json")')
+CHAT_ROLES = ("system", "user", "assistant")
+MESSAGE_FIELDS = ("role", "content", "name")
+# A prompt with more characters than this per token of context is refused before it is tokenized (real text has ~4).
+MAX_PROMPT_CHARS_PER_TOKEN = 32
 
 
 class RequestError(InvalidParam):
@@ -42,7 +48,7 @@ def is_type(value: Any, kind: Union[type, tuple]) -> bool:
 
 
 def type_name(kind: Union[type, tuple]) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list of strings",
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
              tuple: "a list of strings", dict: "an object", type(None): "null"}
     return " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
 
@@ -103,6 +109,10 @@ def text_field(body: dict, name: str) -> str:
     text = body.get(name)
     if not text:
         raise RequestError(name, f"a non-empty {name} string is required")
+    return unicode_text(text, name)
+
+
+def unicode_text(text: str, name: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # JSON allows lone surrogates ("\ud800"); text cannot hold them
@@ -140,3 +150,63 @@ def sampling_params(body: dict, defaults: SamplingParams, max_seq_len: int, alia
                               seed=body.get("seed"), stop=stop, **given)
     except InvalidParam as e:
         raise RequestError(aliases.get(e.field, e.field), e.message) from None
+
+
+def check_prompt_chars(chars: int, name: str, max_seq_len: int) -> None:
+    """Refuse text too long to be worth tokenizing (tokenizing 6 MB holds the engine thread, and so every stream,
+    for seconds): it could not fit the context anyway."""
+    max_chars = MAX_PROMPT_CHARS_PER_TOKEN * max_seq_len
+    if chars > max_chars:
+        raise RequestError(name, f"has {chars} characters; at most {max_chars} ({MAX_PROMPT_CHARS_PER_TOKEN} "
+                                 f"per token of the {max_seq_len}-token context) are tokenized",
+                           code="context_length_exceeded")
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, value: Any, max_seq_len: int, name: str = "messages") -> list[int]:
+    """A `messages` JSON value checked, rendered by the model's chat template and tokenized, ready for the
+    assistant's reply; RequestError naming the field at fault (`messages[1].content`), or `name` itself when the
+    model has no template, its template refuses the conversation, or the text could not fit the context."""
+    messages = chat_messages(value, name)
+    check_prompt_chars(sum(len(m["content"]) + len(m.get("name", "")) for m in messages), name, max_seq_len)
+    try:
+        return tokenizer.encode_chat(messages)
+    except ValueError as e:  # no template, the template's raise_exception, or a failing template
+        raise RequestError(name, str(e)) from None
+
+
+def chat_messages(value: Any, name: str) -> list[dict]:
+    """A non-empty list of {"role": system|user|assistant, "content": text, "name"?: string} objects; content is a
+    string or a list of {"type": "text", "text": ...} parts (OpenAI's), joined by newlines."""
+    if not isinstance(value, list) or not value:
+        raise RequestError(name, 'must be a non-empty list of {"role", "content"} objects')
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(where, f'must be a {{"role", "content"}} object, got {json.dumps(message)[:80]}')
+        for key in message:
+            if key not in MESSAGE_FIELDS:
+                raise RequestError(f"{where}.{key}", f"unknown field (known: {', '.join(MESSAGE_FIELDS)})")
+        if message.get("role") not in CHAT_ROLES:
+            raise RequestError(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got "
+                                                f"{json.dumps(message.get('role'))[:80]}")
+        checked = {"role": message["role"], "content": _message_content(message.get("content"), f"{where}.content")}
+        if "name" in message:
+            if not isinstance(message["name"], str) or not message["name"]:
+                raise RequestError(f"{where}.name", "must be a non-empty string")
+            checked["name"] = unicode_text(message["name"], f"{where}.name")
+        messages.append(checked)
+    return messages
+
+
+def _message_content(content: Any, name: str) -> str:
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                    and set(part) == {"type", "text"}):
+                raise RequestError(f"{name}[{j}]", 'must be a {"type": "text", "text": string} part (this model '
+                                                   "reads text only)")
+        content = "\n".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise RequestError(name, f"must be a string or a list of text parts, got {json.dumps(content)[:80]}")
+    return unicode_text(content, name)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..engine.engine import Engine, PromptTooLongError
+from ..engine.engine import Engine, InvalidPromptError, PromptTooLongError
 from ..engine.prefix_cache import PrefixCacheStats
 from ..engine.request import StepOutput
 from ..engine.sampling import SamplingParams
@@ -183,8 +183,9 @@ class ServingLoop:
                              content_type=request.content_type)
             try:
                 self.engine.add(rid, request.prompt_ids, request.params)
-            except PromptTooLongError as e:
-                raise RequestError(request.prompt_field, str(e), code="context_length_exceeded") from None
+            except InvalidPromptError as e:
+                code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+                raise RequestError(request.prompt_field, str(e), code=code) from None
             first = request.response.start()
         except RequestError as e:
             error = protocol.error(e)

@@ -18,7 +18,8 @@ from typing import Any, Optional, Union
 from ..engine.request import StepOutput, TokenLogprob
 from ..text.tokenizer import Tokenizer
 from ..engine.sampling import SamplingParams
-from .fields import RequestError, check_fields, is_type, json_object, sampling_params, text_field
+from .fields import (RequestError, chat_prompt_ids, check_fields, is_type, json_object, sampling_params,
+                     text_field)
 from .protocol import JSON, Answer, Generation, encode_prompt
 
 SSE = "text/event-stream"
@@ -59,7 +60,7 @@ class OpenAIProtocol:
         stream = body.get("stream", False)
         include_usage = _include_usage(body, stream)
         if chat:
-            prompt_ids = self._chat_prompt(body)
+            prompt_ids = chat_prompt_ids(self.tokenizer, body.get("messages"), self.max_seq_len)
             if "top_logprobs" in body and not body.get("logprobs"):
                 raise RequestError("top_logprobs", "needs logprobs: true")
             top = body.get("top_logprobs", 0) if body.get("logprobs") else None
@@ -97,9 +98,6 @@ class OpenAIProtocol:
             return list(prompt)
         raise RequestError("prompt", "must be a non-empty string or a list of token ids (one prompt per request)")
 
-    def _chat_prompt(self, body: dict) -> list[int]:
-        raise RequestError("messages", "this model has no chat template")
-
 
 def _include_usage(body: dict, stream: bool) -> bool:
     options = body.get("stream_options")
@@ -129,6 +127,12 @@ class CompletionResponse:
         self._text: list[str] = []
         self._logprobs: list[TokenLogprob] = []
         self._text_offset = 0  # characters of the tokens whose logprobs were sent
+        # The usual event, a text delta that is not the last, rendered once around a placeholder: a reply then
+        # costs one json.dumps of its text, not of the whole chunk (replies are rendered between decode steps).
+        self._delta_event = None
+        if stream and not logprobs:
+            event = self._chunk([self._choice("\0", [], None, delta=True)])
+            self._delta_event = (b"data: " + _json(event) + b"\n\n").split(_json("\0"))
 
     def start(self) -> bytes:
         return b""
@@ -141,6 +145,8 @@ class CompletionResponse:
                 return b""
             choice = self._choice("".join(self._text), self._logprobs, out.finish_reason, delta=False)
             return _json({**self._head(self.object), "choices": [choice], "usage": _usage(out)})
+        if self._delta_event and not out.finished:
+            return self._delta_event[0] + _json(out.text) + self._delta_event[1] if out.text else b""
         events = []
         if out.text or out.logprobs or out.finished:
             events.append(self._chunk([self._choice(out.text, out.logprobs, out.finish_reason, delta=True)]))

@@ -12,12 +12,11 @@ from typing import Any, Protocol, Union
 from ..engine.request import StepOutput
 from ..engine.sampling import SamplingParams
 from ..text.tokenizer import Tokenizer
-from .fields import RequestError, check_fields, json_object, sampling_params, text_field
+from .fields import (RequestError, chat_prompt_ids, check_fields, check_prompt_chars, json_object, sampling_params,
+                     text_field)
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
-# A prompt with more characters than this per token of context is refused before it is tokenized (real text has ~4).
-MAX_PROMPT_CHARS_PER_TOKEN = 32
 
 
 class Response(Protocol):
@@ -52,16 +51,12 @@ class Answer:
     content_type: str = JSON
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, field: str, max_seq_len: int, bos: bool = True) -> list[int]:
-    """The prompt's token ids; a RequestError naming `field` for text the tokenizer refuses, or text too long to be
-    worth tokenizing (tokenizing 6 MB holds the engine thread, and so every stream, for seconds)."""
-    max_chars = MAX_PROMPT_CHARS_PER_TOKEN * max_seq_len
-    if len(text) > max_chars:
-        raise RequestError(field, f"has {len(text)} characters; at most {max_chars} ({MAX_PROMPT_CHARS_PER_TOKEN} "
-                                  f"per token of the {max_seq_len}-token context) are tokenized",
-                           code="context_length_exceeded")
+def encode_prompt(tokenizer: Tokenizer, text: str, field: str, max_seq_len: int) -> list[int]:
+    """A plain-text prompt's ids (bos as the tokenizer adds it, special tokens' strings kept as text); a
+    RequestError naming `field` for text the tokenizer refuses, or text too long to be worth tokenizing."""
+    check_prompt_chars(len(text), field, max_seq_len)
     try:
-        return tokenizer.encode(text, bos=bos)
+        return tokenizer.encode(text)
     except ValueError as e:  # text the tokenizer refuses
         raise RequestError(field, f"cannot be tokenized: {e}") from None
 
@@ -76,32 +71,39 @@ class NativeProtocol:
     def parse(self, rid: str, body: Any, path: str) -> Union[Generation, Answer]:
         if path:
             raise RequestError("path", f"no such path: {path!r} (POST to /predictions/<model>)", status=404)
-        request = parse_request(body, self.defaults, self.max_seq_len)
-        return Generation(encode_prompt(self.tokenizer, request.prompt, "prompt", self.max_seq_len), request.params,
-                          NativeResponse(request.stream, self.speculating))
+        request = parse_request(body, self.defaults, self.max_seq_len, self.tokenizer)
+        return Generation(request.prompt_ids, request.params, NativeResponse(request.stream, self.speculating),
+                          request.prompt_field)
 
     def error(self, e: RequestError) -> Answer:
         return Answer(error_body(e), e.status)
 
 # Request fields and the JSON types they take (floats take integers too).
-REQUEST_FIELDS = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-                  "seed": (int, type(None)), "stop": (str, list), "stream": bool, "speculate": bool}
+REQUEST_FIELDS = {"prompt": str, "messages": list, "max_new_tokens": int, "temperature": float, "top_k": int,
+                  "top_p": float, "seed": (int, type(None)), "stop": (str, list), "stream": bool, "speculate": bool}
 
 
 @dataclass
 class GenerationRequest:
-    prompt: str
+    prompt_ids: list[int]
+    prompt_field: str  # "prompt" or "messages": what an error about the prompt names
     params: SamplingParams
     stream: bool
 
 
-def parse_request(body: Any, defaults: SamplingParams, max_seq_len: int) -> GenerationRequest:
-    """Validate one request body: raw bytes, text, or what TorchServe already decoded from JSON."""
+def parse_request(body: Any, defaults: SamplingParams, max_seq_len: int, tokenizer: Tokenizer) -> GenerationRequest:
+    """Validate one request body (raw bytes, text, or what TorchServe already decoded from JSON) and tokenize its
+    prompt: `prompt` is plain text; `messages` a chat, rendered by the model's template."""
     body = json_object(body)
     check_fields(body, REQUEST_FIELDS)
-    prompt = text_field(body, "prompt")
+    if "prompt" in body and "messages" in body:
+        raise RequestError("messages", "send either prompt (text to continue) or messages (a chat), not both")
+    prompt_field = "messages" if "messages" in body else "prompt"
+    prompt = text_field(body, "prompt") if prompt_field == "prompt" else None
     params = sampling_params(body, defaults, max_seq_len, speculate=body.get("speculate", True))
-    return GenerationRequest(prompt, params, body.get("stream", True))
+    ids = encode_prompt(tokenizer, prompt, "prompt", max_seq_len) if prompt is not None else \
+        chat_prompt_ids(tokenizer, body["messages"], max_seq_len)
+    return GenerationRequest(ids, prompt_field, params, body.get("stream", True))
 
 
 def error_body(e: RequestError) -> bytes:

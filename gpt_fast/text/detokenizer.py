@@ -4,6 +4,11 @@ Decoding token by token goes wrong two ways: a character split over several byte
 its last byte arrives, and sentencepiece drops the leading space of the first token of every decode. So we decode a
 small window (a few tokens that were already emitted, then the new ones), emit what the new tokens added, and hold
 the new tokens back while their text still ends in U+FFFD.
+
+The window starts on a character: `tokenizers`' ByteFallback decoder (Llama 2 and Mistral tokenizer.json files) turns
+a whole run of byte tokens into U+FFFDs when any byte of it is invalid, so a window starting inside a character would
+garble the characters after it. (For the same reason, a generated run with an invalid byte decodes to U+FFFDs as a
+whole, while the stream has already shown its valid characters: the one case where the deltas differ from decode.)
 """
 from typing import Sequence
 
@@ -11,6 +16,8 @@ from .tokenizer import Tokenizer
 
 # Already-emitted tokens re-decoded in front of the new ones; any non-empty context fixes the leading space.
 CONTEXT_TOKENS = 4
+# Tokens the window may reach further back to start on a character (at most 3 bytes precede a character's last).
+MAX_CHARACTER_TOKENS = 3
 
 
 class IncrementalDetokenizer:
@@ -22,12 +29,17 @@ class IncrementalDetokenizer:
 
     def _keep_context(self, ids: list[int]) -> None:
         """Make the window the last few of `ids`, all of whose text has been emitted (or is the prompt's)."""
-        window = ids[-CONTEXT_TOKENS:]
-        text = self.tokenizer.decode(window)
-        if not text and len(window) < len(ids):
+        start = max(len(ids) - CONTEXT_TOKENS, 0)
+        text = self.tokenizer.decode(ids[start:])
+        for _ in range(MAX_CHARACTER_TOKENS):
+            if not text.startswith("\ufffd") or start == 0:
+                break
+            start -= 1
+            text = self.tokenizer.decode(ids[start:])
+        if not text and start > 0:
             # Only bos/eos-like tokens: they would not stop the next token's leading space being dropped.
-            window, text = ids, self.tokenizer.decode(ids)
-        self._ids, self._emitted = window, text
+            start, text = 0, self.tokenizer.decode(ids)
+        self._ids, self._emitted = ids[start:], text
 
     def push(self, ids: Sequence[int]) -> str:
         """Add generated ids; return the text they complete (possibly "" while a character is incomplete)."""

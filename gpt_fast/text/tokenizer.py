@@ -1,4 +1,10 @@
-"""Text <-> token ids for the two tokenizer families of Llama checkpoints: sentencepiece and tiktoken."""
+"""Text <-> token ids: the two families of a tokenizer.model file (sentencepiece, tiktoken), and which tokenizer a
+checkpoint directory has (tokenizer.json ones: hf_tokenizer.py; the interface they share: base.py).
+
+The rule, for a Hugging Face download and a converted checkpoint alike: tokenizer.json when the directory has one (it
+is what transformers' AutoTokenizer reads, with the special tokens and chat template of tokenizer_config.json), else
+tokenizer.model (sentencepiece, or Llama 3's tiktoken file, which Meta's repos keep under original/).
+"""
 import base64
 import re
 from pathlib import Path
@@ -8,24 +14,8 @@ import sentencepiece as spm
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-
-class Tokenizer:
-    """What the engine needs from a tokenizer: ids for bos/eos, the ids that end a generation, encode/decode."""
-
-    bos_id: int
-    eos_id: int
-    stop_ids: frozenset[int]
-    vocab_size: int
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one token stands for, leading space included (per-token output such as logprobs)."""
-        return self.decode([token_id]).encode()
+from .base import Tokenizer
+from .hf_tokenizer import HuggingFaceTokenizer
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -39,9 +29,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.stop_ids = frozenset({self.eos_id})
         self.vocab_size = self.processor.vocab_size()
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: Optional[bool] = None) -> list[int]:
         ids = self.processor.encode(text)
-        return [self.bos_id] + ids if bos else ids
+        return [self.bos_id] + ids if (self.add_bos if bos is None else bos) else ids
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(list(ids))
@@ -93,8 +83,8 @@ class TiktokenTokenizer(Tokenizer):
         self.stop_ids = frozenset({self.eos_id, self.special["<|eot_id|>"], self.special["<|eom_id|>"]})
         self.vocab_size = num_base + NUM_SPECIAL_TOKENS
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = [self.bos_id] if bos else []
+    def encode(self, text: str, bos: Optional[bool] = None) -> list[int]:
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) else []
         for piece in _LONG_WHITESPACE.split(text):
             # User text is plain text: "<|eot_id|>" typed by a user is encoded as its characters, never as the id.
             ids += self.model.encode(piece, allowed_special=set(), disallowed_special=())
@@ -105,6 +95,11 @@ class TiktokenTokenizer(Tokenizer):
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.model.decode_single_token_bytes(token_id)
+
+
+KINDS = ("sentencepiece", "tiktoken", "huggingface")
+# A "huggingface" tokenizer's files (tokenizer.json is required), as transformers' save_pretrained writes them.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def detect_kind(path: Path) -> Optional[str]:
@@ -124,21 +119,46 @@ def detect_kind(path: Path) -> Optional[str]:
     return None
 
 
+def find_tokenizer(directory: Union[str, Path]) -> tuple[Path, str]:
+    """The tokenizer file of a checkpoint directory and its kind, by the rule above."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return directory / "tokenizer.json", "huggingface"
+    for path in (directory / "tokenizer.model", directory / "original" / "tokenizer.model"):
+        if path.is_file():
+            kind = detect_kind(path)
+            if kind is None:
+                raise ValueError(f"{path}: neither a sentencepiece model nor a tiktoken BPE file")
+            return path, kind
+    raise FileNotFoundError(f"no tokenizer in {directory} (expected tokenizer.json or tokenizer.model)")
+
+
+def tokenizer_files(directory: Union[str, Path]) -> list[Path]:
+    """The files of a checkpoint directory's tokenizer, by the rule above: what a copy of the checkpoint takes."""
+    path, kind = find_tokenizer(directory)
+    if kind != "huggingface":
+        return [path]
+    return [p for p in (Path(directory) / name for name in HF_TOKENIZER_FILES) if p.is_file()]
+
+
 def load_tokenizer(checkpoint_dir: Union[str, Path], kind: Optional[str] = None,
                    extra_stop_ids: Iterable[int] = ()) -> Tokenizer:
-    """The tokenizer.model in checkpoint_dir; kind is config.json's `tokenizer` field, or None to detect it."""
-    path = Path(checkpoint_dir) / "tokenizer.model"
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer not found: {path}")
+    """The tokenizer of a checkpoint directory; kind is config.json's `tokenizer` field, or None to find it.
+    extra_stop_ids (config.json's stop_token_ids) end a generation besides the tokenizer's own."""
+    directory = Path(checkpoint_dir)
     if kind is None:
-        kind = detect_kind(path)
-        if kind is None:
-            raise ValueError(f"{path}: neither a sentencepiece model nor a tiktoken BPE file")
-    if kind == "sentencepiece":
-        tokenizer = SentencePieceTokenizer(path)
-    elif kind == "tiktoken":
-        tokenizer = TiktokenTokenizer(path)
+        path, kind = find_tokenizer(directory)
+    elif kind in KINDS:
+        path = directory / ("tokenizer.json" if kind == "huggingface" else "tokenizer.model")
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer not found: {path}")
     else:
-        raise ValueError(f"{path}: unknown tokenizer kind {kind!r} (expected 'sentencepiece' or 'tiktoken')")
+        raise ValueError(f"{directory}: unknown tokenizer kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind == "huggingface":
+        tokenizer = HuggingFaceTokenizer(directory)
+    elif kind == "sentencepiece":
+        tokenizer = SentencePieceTokenizer(path)
+    else:
+        tokenizer = TiktokenTokenizer(path)
     tokenizer.stop_ids = tokenizer.stop_ids | frozenset(extra_stop_ids)
     return tokenizer
