@@ -70,6 +70,8 @@ class ModelRunner:
         self.dynamic_lengths = compile and not self.static_lengths
         self.kv_buckets = kv_buckets(max_seq_len, self.static_lengths)
         self.prefill_buckets = prefill_buckets(max_seq_len, self.static_lengths, CPU_PREFILL_STEP if compile else 1)
+        # One prompt length needs no dynamic size (and a chunk as long as the cache is specialized to it).
+        self.dynamic_prefill = self.dynamic_lengths and len(self.prefill_buckets) > 1
         self._rows, self._slot = self._rows_logits, self._slot_logits
         if compile:
             self._compile()
@@ -125,7 +127,7 @@ class ModelRunner:
         return logits
 
     def _prefill_chunk(self, tokens: Tensor, positions: Tensor, slot: int, last: int) -> Tensor:
-        if self.dynamic_lengths:
+        if self.dynamic_prefill:
             torch._dynamo.mark_dynamic(tokens, 1)
             torch._dynamo.mark_dynamic(positions, 1)
         # Distinct slot and logit_index tensors, as every call passes: dynamo guards on aliasing.
