@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,8 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import NoTextTokenizer, read_bandwidth  # noqa: E402
 
-from gpt_fast.arch import llama  # noqa: E402
-from gpt_fast.checkpoints.convert import convert_weights  # noqa: E402
+from gpt_fast.checkpoints.gguf import convert_gguf  # noqa: E402
 from gpt_fast.checkpoints.load import load_model  # noqa: E402
 from gpt_fast.engine.engine import Engine  # noqa: E402
 from gpt_fast.engine.sampling import SamplingParams  # noqa: E402
@@ -150,21 +148,9 @@ def prepare_ggufs(model: str, workdir: Path) -> dict[str, Path]:
 
 
 def our_checkpoint(gguf_path: Path, out_dir: Path) -> Path:
-    """Our checkpoint of a GGUF's weights, dequantized by transformers' GGUF reader (undoes the q/k permutation)."""
-    # TODO(issue 13): `python -m gpt_fast.convert FILE.gguf OUT` once GGUF import lands.
-    if (out_dir / "model.pth").is_file():
-        return out_dir
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    config = {k: v for k, v in hf.config.to_dict().items() if k != "quantization_config"}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        shard = Path(tmp) / "model.safetensors"
-        save_file({k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}, str(shard))
-        args = llama.model_args(config)
-        torch.save(convert_weights([shard], args, llama), out_dir / "model.pth")
-    args.save(out_dir / "config.json")
+    """Our checkpoint of a GGUF's weights (`python -m gpt_fast.convert FILE.gguf OUT`), dequantized to bf16."""
+    if not (out_dir / "model.pth").is_file():
+        convert_gguf(gguf_path, out_dir)
     return out_dir
 
 
