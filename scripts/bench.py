@@ -72,6 +72,17 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> T
     return model.eval().requires_grad_(False)
 
 
+def quantize_on(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> torch.device:
+    """Where to build and quantize a quantized row's random weights: on the device (seconds on a GPU) when its
+    unquantized weights take at most half of the free memory there, else on the CPU, then moved (Mixtral 8x7B:
+    93 GB in bf16, 47 GB in int8; quantizing Llama 3.1 8B on 16 CPU cores takes minutes)."""
+    if device.type != "cuda":
+        return device
+    with torch.device("meta"):
+        size = sum(p.numel() for p in Transformer(args).parameters()) * torch.finfo(dtype).bits // 8
+    return device if 2 * size <= torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
+
+
 def sharded_random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
     """Under torchrun: rank 0 saves the random model as a checkpoint, and each rank loads its shard of it."""
     directory = Path(tp.rank0_object(tempfile.mkdtemp(prefix="bench-tp-") if tp.rank() == 0 else None))
@@ -89,13 +100,19 @@ def sharded_random_model(args: ModelArgs, device: torch.device, dtype: torch.dty
 
 
 def bench_engine(model: Transformer, tokenizer, prompt_len: int, new_tokens: int, compile: bool,
-                 device: torch.device) -> dict:
+                 device: torch.device, warmup: str = "all") -> dict:
+    """warmup "all": the engine's warm-up (every shape bucket, as a server starts; compile_s is its time); "used":
+    an untimed first request compiles only the shapes the timed ones run (compile_s is its time)."""
     engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=prompt_len + new_tokens + 8, compile=compile)
     t0 = time.perf_counter()
-    engine.warmup()
-    compile_s = time.perf_counter() - t0
+    if warmup == "all":
+        engine.warmup()
     prompt = [1] + [(7 * i) % 100 + 3 for i in range(prompt_len - 1)]
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    if warmup == "used":
+        engine.generate([prompt], params)
+        sync(device)
+    compile_s = time.perf_counter() - t0
     runs = []
     for _ in range(3):
         engine.add("bench", prompt, params)
@@ -174,6 +191,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
+    ap.add_argument("--warmup", choices=["all", "used"], default="all",
+                    help="compile every shape bucket first (all, as a server does), or only those the timed runs use")
     ap.add_argument("--json", type=Path, default=Path("bench_results/bench.json"))
     a = ap.parse_args()
     device = tp.setup(torch.device(a.device))
@@ -191,10 +210,8 @@ def main() -> None:
                 model = sharded_random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device, dtype)
                 tokenizer = NoTextTokenizer()
             else:
-                # Quantized rows are built and quantized on the CPU, then moved: the device never holds the
-                # unquantized weights (Mixtral 8x7B: 93 GB in bf16, 47 GB in int8).
-                model = random_model(ModelArgs(**NAMED_SHAPES[a.shape]), device if quant == "none" else
-                                     torch.device("cpu"), dtype)
+                args = ModelArgs(**NAMED_SHAPES[a.shape])
+                model = random_model(args, device if quant == "none" else quantize_on(args, dtype, device), dtype)
                 tokenizer = NoTextTokenizer()
             if quant != "none" and not a.checkpoint:
                 quantize_model(model, quant, a.groupsize if quant == "int4" else None, pack=False)
@@ -203,7 +220,8 @@ def main() -> None:
             weights = scheme_name(model.args.quantization)
             bytes_per_token = model.args.weight_bytes(torch.finfo(dtype).bits / 8)
             runners = [(f"gpt-fast-serve {'compiled' if c else 'eager'}{ranks}",
-                        lambda c=c: bench_engine(model, tokenizer, a.prompt_len, a.new_tokens, c, device))
+                        lambda c=c: bench_engine(model, tokenizer, a.prompt_len, a.new_tokens, c, device,
+                                                     a.warmup))
                        for c in modes]
             if not a.no_hf and a.shape and quant == "none" and not ranks:
                 try:

@@ -39,14 +39,17 @@ class LocalServer:
         return subprocess.run([str(ROOT / "scripts" / args[0]), *args[1:]], env={**os.environ, **self.env},
                               capture_output=True, text=True, timeout=timeout)
 
-    def archive_and_start(self, checkpoint: Path, config: Path, more: tuple[tuple[str, Path], ...] = ()) -> None:
+    def archive_and_start(self, checkpoint: Path, config: Path, more: tuple[tuple[str, Path], ...] = (),
+                          in_place: bool = False) -> None:
         """Serve `checkpoint` with `config` as self.name, plus (name, config) more models of it."""
         for name, conf in [(self.name, config), *more]:
-            self.archive(checkpoint, conf, name)
+            self.archive(checkpoint, conf, name, in_place)
         self.start()
 
-    def archive(self, checkpoint: Path, config: Path, name: Optional[str] = None) -> None:
-        self._run("archive.sh", str(checkpoint), "--name", name or self.name, "--config", str(config))
+    def archive(self, checkpoint: Path, config: Path, name: Optional[str] = None, in_place: bool = False) -> None:
+        """in_place: archive.sh --no-archive (no tarball of a big checkpoint to compress now and unpack at start)."""
+        self._run("archive.sh", str(checkpoint), "--name", name or self.name, "--config", str(config),
+                  *(["--no-archive"] if in_place else []))
 
     def start(self) -> None:
         self._run("serve.sh", "start")

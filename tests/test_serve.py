@@ -54,9 +54,11 @@ SPECULATIVE_CONFIG = MODEL_CONFIG + """\
 """
 
 
-def served(checkpoint: Path, run_dir: Path, request, configs: dict[str, str]) -> Iterator[LocalServer]:
+def served(checkpoint: Path, run_dir: Path, request, configs: dict[str, str],
+           in_place: bool = False) -> Iterator[LocalServer]:
     """A module fixture's body: the checkpoint served under each name with its model_config text (the first is
-    the server's own name); stopped at the end, its logs printed when it failed to start or a test failed."""
+    the server's own name; in_place: archive.sh --no-archive); stopped at the end, its logs printed when it failed
+    to start or a test failed."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java (scripts/setup.sh installs it)")
     paths = []
@@ -66,7 +68,7 @@ def served(checkpoint: Path, run_dir: Path, request, configs: dict[str, str]) ->
     srv = LocalServer(run_dir, name=paths[0][0])
     failed_before, up = request.session.testsfailed, False
     try:
-        srv.archive_and_start(checkpoint, paths[0][1], more=tuple(paths[1:]))
+        srv.archive_and_start(checkpoint, paths[0][1], more=tuple(paths[1:]), in_place=in_place)
         up = True
         yield srv
     finally:

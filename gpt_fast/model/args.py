@@ -182,6 +182,13 @@ NAMED_SHAPES = {
                          sliding_window=4096, sliding_window_layers=list(range(0, 16, 2))),
     "phi-3-tiny": dict(dim=1024, n_layer=16, n_head=16, n_kv_heads=16, head_dim=64, intermediate_size=4096,
                        vocab_size=32064, max_position_embeddings=4096, sliding_window=2047),
+    # Llama 3.1's options (GQA 4:1, llama3 RoPE scaling) at a size that runs in seconds anywhere: smoke runs of the
+    # benchmarks (scripts/gpu_check.sh --dry-run).
+    "llama-tiny": dict(dim=256, n_layer=2, n_head=4, n_kv_heads=1, head_dim=64, intermediate_size=896,
+                       vocab_size=4096, rope_base=500000.0, max_position_embeddings=131072,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                       tokenizer="tiktoken"),
     # Mixtral's proportions (8 experts, top-2, GQA 4:1, I = 3.5 D) scaled down for a 2-core CPU (1.5 GB bf16).
     "mixtral-tiny": dict(dim=1024, n_layer=8, n_head=16, n_kv_heads=4, head_dim=64, intermediate_size=3584,
                          vocab_size=32000, rope_base=1000000.0, max_position_embeddings=32768, num_experts=8,
