@@ -2,6 +2,7 @@
 saved with save_pretrained and converted with our CLI, match transformers (fp32 logits, 32 greedy tokens); batching,
 int8 and compile change nothing they should not."""
 import math
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from hf_tokenizers import byte_level
 from test_convert import assert_matches_transformers, randomize
 from test_gguf import write_tiny_gguf
 from test_mixtral import PROMPTS, assert_batched_equals_solo
 from transformers import (
+    AutoTokenizer,
     Gemma2Config,
     Gemma2ForCausalLM,
     MistralConfig,
@@ -29,12 +32,13 @@ from transformers import (
 from gpt_fast.arch import model_args_from_hf
 from gpt_fast.checkpoints.convert import convert
 from gpt_fast.checkpoints.gguf import convert_gguf
-from gpt_fast.checkpoints.load import load_model
+from gpt_fast.checkpoints.load import load, load_model
 from gpt_fast.checkpoints.quantize import quantize_checkpoint
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.model.args import NAMED_SHAPES, ModelArgs
 from gpt_fast.model.quantized import quantize_model
+from gpt_fast.text.hf_tokenizer import HuggingFaceTokenizer
 from gpt_fast.text.tokenizer import load_tokenizer
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -162,6 +166,38 @@ def test_qwen2_gguf_converts_like_its_hugging_face_checkpoint(converted, tmp_pat
     ignored = {"tokenizer": None, "stop_token_ids": None}
     assert replace(ModelArgs.load(tmp_path / "out" / "config.json"), **ignored) == \
         replace(ModelArgs.load(out_dir / "config.json"), **ignored)
+
+
+def test_qwen2_with_its_tokenizer_json_chats_as_transformers_does(tmp_path):
+    """A Qwen2 checkpoint laid out as on the hub: a byte-level BPE tokenizer.json with ChatML and no tokenizer.model,
+    an embedding padded past the tokenizer's vocabulary. Converted with the CLI, a chat prompt's ids, 32 greedy tokens
+    and their text equal transformers' (told never to pick a padding id, as our engine never does)."""
+    tokenizer_dir, hf_dir, out_dir = tmp_path / "tokenizer", tmp_path / "hf", tmp_path / "out"
+    hf_tokenizer = AutoTokenizer.from_pretrained(byte_level(tokenizer_dir))
+    vocab, padded = len(hf_tokenizer), len(hf_tokenizer) + 15
+    config = {**SMALL, "num_key_value_heads": 2, "tie_word_embeddings": True, "vocab_size": padded}
+    hf = Qwen2ForCausalLM(Qwen2Config(**config)).eval()
+    randomize(hf)
+    hf.save_pretrained(hf_dir)
+    shutil.copytree(tokenizer_dir, hf_dir, dirs_exist_ok=True)  # the tokenizer's generation_config.json: eos [2, 0]
+    subprocess.run([sys.executable, "-m", "gpt_fast.convert", str(hf_dir), str(out_dir)], check=True,
+                   capture_output=True)
+    model, tokenizer = load(out_dir, device="cpu", dtype=torch.float32)
+    assert isinstance(tokenizer, HuggingFaceTokenizer) and not (out_dir / "tokenizer.model").exists()
+    assert (tokenizer.vocab_size, model.args.vocab_size, tokenizer.stop_ids) == (vocab, padded, {2, 0})
+
+    messages = [{"role": "user", "content": "What is the capital of France? Grüße"}]
+    prompt = tokenizer.encode_chat(messages)
+    assert prompt == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False)
+    hf.generation_config.eos_token_id = None  # exactly 32 tokens, like our ignore_eos run
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32,
+                               suppress_tokens=list(range(vocab, padded)))[0, len(prompt):].tolist()
+    [completion] = Engine(model, tokenizer, max_batch_size=1, max_seq_len=128).generate(
+        [prompt], SamplingParams(max_new_tokens=32, ignore_eos=True))
+    assert completion.tokens == expected
+    assert completion.text == hf_tokenizer.decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("case", ["qwen3_gqa", "gemma2_gqa_window", "mistral_gqa_window"])

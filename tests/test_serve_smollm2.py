@@ -19,6 +19,7 @@ def expected(smollm2_checkpoint, smollm2_server) -> Completion:
     card = smollm2_server.post(b"", path="models/gpt-fast").json()
     model = load_model(smollm2_checkpoint, device="cpu")
     tokenizer = load_tokenizer(smollm2_checkpoint, model.args.tokenizer, model.args.stop_token_ids)
+    # batchSize 8 as in model_config_cpu.yaml: the same slot count, so the same decode shapes.
     engine = Engine(model, tokenizer, max_batch_size=8, max_seq_len=card["max_model_len"])
     return engine.generate([tokenizer.encode_chat(QUESTION)], SamplingParams(max_new_tokens=MAX_NEW_TOKENS))[0]
 
@@ -33,6 +34,7 @@ def test_chat_streamed_equals_non_streamed_equals_engine(smollm2_server, expecte
     assert "Paris" in expected.text
     assert answer["finish_reason"] == expected.finish_reason == "stop"  # the turn ended with <|im_end|>
     assert answer["usage"]["prompt_tokens"] == expected.prompt_tokens
+    assert answer["usage"]["cached_tokens"] > 0  # the second ask prefilled from the prefix cache: the same text
     assert answer["usage"]["completion_tokens"] == len(expected.tokens) < MAX_NEW_TOKENS
 
 
