@@ -51,7 +51,7 @@ def test_greedy_matches_full_recompute(model, tokenizer):
 
 def test_decode_crosses_cache_length_buckets(model, tokenizer):
     engine = make_engine(model, tokenizer, max_seq_len=600)
-    assert engine.kv_buckets == [256, 512, 600]
+    assert engine.kv_buckets == [64, 128, 192, 256, 320, 384, 448, 512, 576, 600]
     prompt = tokenizer.encode(" ".join(PROMPTS * 8))[:240]
     out = engine.generate([prompt], SamplingParams(max_new_tokens=30))[0]
     model.setup_caches(1, 600)

@@ -20,7 +20,7 @@ from ..model.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .prefix_cache import PrefixCache
 from .request import Request, StepOutput, TokenLogprob
-from .runner import ModelRunner, batch_buckets, bucket, kv_buckets
+from .runner import ModelRunner, batch_buckets, bucket
 from .sampling import RowSampling, SamplingParams, greedy_sample, penalties, sample, token_logprobs
 from .speculative import Speculator
 
@@ -71,7 +71,7 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         self.runner = ModelRunner(model, max_batch_size, max_seq_len, compile, tokenizer.vocab_size)
         self.decode_buckets = batch_buckets(max_batch_size)
-        self.kv_buckets = kv_buckets(max_seq_len)
+        self.kv_buckets = self.runner.kv_buckets
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # decoding; active[i].slot == i
         self.prefilling: Optional[Request] = None  # admitted, prompt partly in its slot (len(self.active))

@@ -63,6 +63,15 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
+def teardown() -> None:
+    """Leave the process group before the interpreter exits. A process that exits in it can abort in gloo's worker
+    threads during finalization ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489)."""
+    global _control
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _control = None
+
+
 def shared_seed() -> Optional[int]:
     """A random seed that is the same on every rank (rank 0's); None in a single process (the engine draws)."""
     if world_size() == 1:

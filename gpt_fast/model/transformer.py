@@ -197,6 +197,16 @@ class TransformerBlock(nn.Module):
         return h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h)))
 
 
+def _run_layer(layer: TransformerBlock, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, slots: Optional[Tensor],
+               write_pos: Tensor) -> Tensor:
+    return layer(x, cos, sin, mask, slots, write_pos)
+
+
+# Under torch.compile the layers then share one compiled graph, called once per layer (hierarchical compilation):
+# compile time no longer grows with the number of layers. In eager it is a plain call.
+_run_layer_compiled_once = torch.compiler.nested_compile_region(_run_layer)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -207,6 +217,7 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.compile_layers_once = False  # set by the runner that compiles the model (engine/runner.py)
 
     def tie_weights(self) -> None:
         if self.args.tie_embeddings:
@@ -251,8 +262,9 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens).float()
         if self.args.scale_embeddings:  # Gemma: by sqrt(dim) rounded to the model dtype, as transformers does
             x = x * torch.tensor(self.args.dim ** 0.5, dtype=self.tok_embeddings.weight.dtype, device=x.device)
+        run_layer = _run_layer_compiled_once if self.compile_layers_once else _run_layer
         for layer in self.layers:
-            x = layer(x, cos, sin, window_mask if layer.attention.sliding else mask, slots, write_pos)
+            x = run_layer(layer, x, cos, sin, window_mask if layer.attention.sliding else mask, slots, write_pos)
         if logit_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logit_index]
         logits = self.logits(self.norm(x))
