@@ -38,7 +38,7 @@ from gpt_fast.checkpoints.gguf import convert_gguf  # noqa: E402
 from gpt_fast.checkpoints.load import load_model  # noqa: E402
 from gpt_fast.engine.engine import Engine  # noqa: E402
 from gpt_fast.engine.sampling import SamplingParams  # noqa: E402
-from gpt_fast.model.args import ModelArgs, scheme_name  # noqa: E402
+from gpt_fast.model.args import ModelArgs  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2-360M's shape (same tokenizer and vocabulary), random weights.
