@@ -14,7 +14,6 @@ tokenizer_config.json, chat_template.jinja and generation_config.json; else toke
 """
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -24,10 +23,10 @@ from safetensors import safe_open
 
 from ..arch import for_hf_config
 from ..text.hf_tokenizer import HuggingFaceTokenizer
-from ..text.tokenizer import find_tokenizer, tokenizer_files
+from ..text.tokenizer import find_tokenizer
 from .gguf import convert_gguf
 from .load import DTYPES
-from .weights import convert_weights, save_checkpoint
+from .weights import convert_weights, copy_tokenizer, save_checkpoint
 
 
 def find_weight_files(hf_dir: Path) -> list[Path]:
@@ -86,9 +85,7 @@ def convert(hf_dir: Path, out_dir: Path) -> Path:
 
     state = convert_weights(_read_shards(files), args, arch)
     weights_path = save_checkpoint(state, args, out_dir)
-    for source in tokenizer_files(hf_dir):
-        if source.resolve() != (out_dir / source.name).resolve():
-            shutil.copyfile(source, out_dir / source.name)
+    copy_tokenizer(hf_dir, out_dir)
     return weights_path
 
 

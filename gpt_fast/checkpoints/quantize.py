@@ -10,7 +10,6 @@ Quantization runs on the CPU and keeps the checkpoint's dtype for scales; int4 c
 file serves CPU and CUDA.
 """
 import argparse
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Union
@@ -19,8 +18,8 @@ import torch
 
 from ..model.args import QUANT_MODES, ModelArgs, quantization_scheme, scheme_name
 from ..model.quantized import quantize_model
-from ..text.tokenizer import tokenizer_files
 from .load import load_model, resolve_checkpoint
+from .weights import copy_tokenizer, save_checkpoint
 
 
 def quantize_checkpoint(path: Union[str, Path], mode: str, groupsize: Optional[int] = None,
@@ -40,13 +39,8 @@ def quantize_checkpoint(path: Union[str, Path], mode: str, groupsize: Optional[i
     dtype = torch.load(weights, mmap=True, weights_only=True)["tok_embeddings.weight"].dtype
     model = load_model(weights, device="cpu", dtype=dtype)
     quantize_model(model, mode, groupsize, pack=False, progress=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / "model.pth")
-    model.args.save(out_dir / "config.json")
-    for path in tokenizer_files(src):
-        shutil.copyfile(path, out_dir / path.name)
-    size_gb = (out_dir / "model.pth").stat().st_size / 1e9
-    print(f"wrote {out_dir / 'model.pth'} ({size_gb:.2f} GB, {scheme_name(scheme)})", file=sys.stderr)
+    save_checkpoint(model.state_dict(), model.args, out_dir)
+    copy_tokenizer(src, out_dir)
     return out_dir
 
 

@@ -1,7 +1,9 @@
 """Our state dict from a checkpoint's named tensors, through its architecture adapter (arch.weight_pieces: renamed,
-fused, stacked), checked against the model's shapes; and model.pth + config.json written from it. Shared by the
-Hugging Face (convert.py) and GGUF (gguf.py) converters.
+fused, stacked), checked against the model's shapes; and a checkpoint directory written: model.pth + config.json,
+and the tokenizer's files copied. Shared by the Hugging Face (convert.py) and GGUF (gguf.py) converters and
+quantize.py.
 """
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -9,8 +11,9 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..model.args import ModelArgs
+from ..model.args import ModelArgs, scheme_name
 from ..model.transformer import Transformer
+from ..text.tokenizer import tokenizer_files
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -70,6 +73,14 @@ def save_checkpoint(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: Pa
     torch.save(state, weights_path)
     args.save(out_dir / "config.json")
     size_gb = sum(t.numel() * t.element_size() for t in state.values()) / 1e9
-    print(f"wrote {weights_path} ({len(state)} tensors, {size_gb:.2f} GB, {args.tokenizer} tokenizer)",
+    quantized = f", {scheme_name(args.quantization)}" if args.quantization else ""
+    print(f"wrote {weights_path} ({len(state)} tensors, {size_gb:.2f} GB{quantized}, {args.tokenizer} tokenizer)",
           file=sys.stderr)
     return weights_path
+
+
+def copy_tokenizer(src_dir: Path, out_dir: Path) -> None:
+    """Copy a checkpoint directory's tokenizer files (text.tokenizer.tokenizer_files) into out_dir."""
+    for source in tokenizer_files(src_dir):
+        if source.resolve() != (out_dir / source.name).resolve():
+            shutil.copyfile(source, out_dir / source.name)
