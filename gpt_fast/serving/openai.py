@@ -16,8 +16,8 @@ import time
 from typing import Any, Optional, Union
 
 from ..engine.request import StepOutput, TokenLogprob
-from ..text.tokenizer import Tokenizer
 from ..engine.sampling import SamplingParams
+from ..text.tokenizer import Tokenizer
 from .fields import (RequestError, chat_prompt_ids, check_fields, is_type, json_object, sampling_params,
                      text_field)
 from .protocol import JSON, Answer, Generation, encode_prompt
