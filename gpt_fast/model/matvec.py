@@ -9,6 +9,7 @@ covers matrices up to 2048 wide only and reads its limits once, at import. Here 
 reduction over the same weight, and inductor fuses them into one loop that reads each weight element once for
 all M rows. Matmuls with more rows (prefill, larger batches, speculative verification of 5 tokens) stay on oneDNN.
 """
+import math
 from typing import Any
 
 import torch
@@ -29,26 +30,37 @@ def _call(graph: torch.fx.Graph, op: Any, *args: Any) -> torch.fx.Node:
     return node
 
 
+def _contiguous_strides(shape) -> list:
+    return [math.prod(shape[i + 1:]) for i in range(len(shape))]
+
+
 class MatvecAsReduction(CustomGraphPass):
     """mm(x [M, K], w [K, N]) on CPU with M <= MAX_ROWS -> the M rows sum(x[m, :, None] * w, dim=0) in fp32, cast
-    back to x's dtype (per row, the rewrite inductor's own mm decomposition makes). Set as inductor's
-    `post_grad_custom_pre_pass`."""
+    back to x's dtype (per row, the rewrite inductor's own mm decomposition makes); bmm likewise per batch entry
+    (attention's few query rows per kv head). Set as inductor's `post_grad_custom_pre_pass`."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        for node in graph.find_nodes(op="call_function", target=aten.mm.default):
+        for node in [*graph.find_nodes(op="call_function", target=aten.mm.default),
+                     *graph.find_nodes(op="call_function", target=aten.bmm.default)]:
             x, w = node.args
             x_val = x.meta["val"]
-            if x_val.device.type != "cpu" or not statically_known_true(x_val.shape[0] <= MAX_ROWS):
+            rows_dim = x_val.dim() - 2  # mm: x [M, K] @ w [K, N]; bmm: x [B, M, K] @ w [B, K, N]
+            if x_val.device.type != "cpu" or not statically_known_true(x_val.shape[rows_dim] <= MAX_ROWS):
                 continue
             with graph.inserting_before(node):
                 x32, w32 = (_call(graph, prims.convert_element_type.default, t, torch.float32) for t in (x, w))
+                # The rows are written to memory once: inlined, whatever produced them (a norm) would be recomputed
+                # for every output of the matmul (0.5 ms of SmolLM2's 1.7 ms logits layer). Static shapes only: a
+                # dynamic size cannot be a stride argument.
+                if all(isinstance(size, int) for size in x_val.shape):
+                    x32 = _call(graph, prims.inductor_force_stride_order.default, x32, _contiguous_strides(x_val.shape))
                 rows = []
-                for m in range(int(x_val.shape[0])):
-                    x_m = _call(graph, aten.select.int, x32, 0, m)
-                    product = _call(graph, aten.mul.Tensor, _call(graph, aten.unsqueeze.default, x_m, 1), w32)
-                    row = _call(graph, aten.sum.dim_IntList, product, [0])
-                    rows.append(_call(graph, aten.unsqueeze.default, row, 0))
-                out = _call(graph, aten.cat.default, rows)
+                for m in range(int(x_val.shape[rows_dim])):
+                    x_m = _call(graph, aten.select.int, x32, rows_dim, m)
+                    product = _call(graph, aten.mul.Tensor, _call(graph, aten.unsqueeze.default, x_m, -1), w32)
+                    row = _call(graph, aten.sum.dim_IntList, product, [rows_dim])
+                    rows.append(_call(graph, aten.unsqueeze.default, row, rows_dim))
+                out = _call(graph, aten.cat.default, rows, rows_dim)
                 node.replace_all_uses_with(_call(graph, prims.convert_element_type.default, out, x_val.dtype))
             graph.erase_node(node)
 

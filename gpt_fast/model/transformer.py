@@ -19,17 +19,22 @@ from .args import ModelArgs
 from .layers import ACTIVATIONS, KVCache, Linear, apply_rope, norm, resize_, rope_tables
 
 EXACT_TOP = 8  # logits recomputed in fp32 per row (Transformer.logits)
+EXPLICIT_ATTENTION_ROWS = 8  # CPU steps of up to this many tokens per row skip SDPA (explicit_attention)
 
 
-def softcapped_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float, cap: float) -> Tensor:
-    """Attention whose logits are soft-capped to (-cap, cap) by cap * tanh(logits / cap) before the mask (Gemma 2),
-    which SDPA cannot do. q [B, H, T, D]; keys, values [B, Hkv, K, D]; mask [B, 1, T, K]. Logits and softmax in
+def explicit_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float,
+                       cap: Optional[float] = None) -> Tensor:
+    """Attention written out as matmul, softmax, matmul, for what SDPA cannot do or does slowly: logits soft-capped
+    to (-cap, cap) by cap * tanh(logits / cap) before the mask (Gemma 2), and CPU steps of a few query rows, where
+    SDPA's flash kernel costs ~150 us a call whatever the size (half a SmolLM2 decode step) and these few ops fuse
+    into the compiled step. q [B, H, T, D]; keys, values [B, Hkv, K, D]; mask [B, 1, T, K]. Logits and softmax in
     fp32. The query heads that share a kv head are folded into its rows, so GQA reads each key once."""
     bsz, n_head, seqlen, head_dim = q.shape
     n_kv_heads, n_keys = keys.shape[1], keys.shape[2]
     group = n_head // n_kv_heads
     logits = (q.reshape(bsz, n_kv_heads, group * seqlen, head_dim) @ keys.transpose(-1, -2)).float() * scale
-    logits = torch.tanh(logits / cap) * cap
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
     logits = logits.view(bsz, n_kv_heads, group, seqlen, n_keys).masked_fill(~mask[:, :, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).to(values.dtype)
     return (probs.view(bsz, n_kv_heads, group * seqlen, n_keys) @ values).view(bsz, n_head, seqlen, head_dim)
@@ -81,12 +86,12 @@ class Attention(nn.Module):
             cache.update(slots, write_pos, k, v)
             keys = cache.k_cache[:, :, :n_keys].index_select(0, slots)
             values = cache.v_cache[:, :, :n_keys].index_select(0, slots)
-        if self.softcap is None:
+        if self.softcap is None and (x.device.type != "cpu" or seqlen > EXPLICIT_ATTENTION_ROWS):
             y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale,
                                                enable_gqa=self.n_head != self.n_kv_heads)
         else:
-            y = softcapped_attention(q.transpose(1, 2), keys, values, mask, self.scale or self.head_dim ** -0.5,
-                                     self.softcap)
+            y = explicit_attention(q.transpose(1, 2), keys, values, mask, self.scale or self.head_dim ** -0.5,
+                                   self.softcap)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
 
 
