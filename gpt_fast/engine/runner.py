@@ -96,10 +96,7 @@ class ModelRunner:
         # cost ~1 ms of a 12 ms SmolLM2 CPU step (20 checks per layer in Python).
         inductor = ({"coordinate_descent_tuning": True} if cuda else
                     {"post_grad_custom_pre_pass": MatvecAsReduction(), "size_asserts": False})
-        # torch 2.13's lowering of the CPU int4 matmul fails inside a shared layer graph (its group size becomes a
-        # tensor constant): int4 models get every layer compiled.
-        int4 = (self.model.args.quantization or {}).get("mode") == "int4"
-        self.model.compile_layers_once = not cuda and not int4
+        self.model.compile_layers_once = not cuda
 
         def with_settings(fn: Callable) -> Callable:
             def call(*args):

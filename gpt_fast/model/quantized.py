@@ -5,7 +5,8 @@ int8 halves those bytes and int4 quarters them. Activations stay in the model dt
 which run in bf16 on both devices.
 
 Kernels: int8 uses aten._weight_int8pack_mm on CPU in bf16 and dequantize+matmul otherwise (gpt-fast's form,
-fused by inductor); int4 uses _weight_int4pack_mm (CUDA tinygemm) or _weight_int4pack_mm_for_cpu.
+fused by inductor); int4 uses _weight_int4pack_mm (CUDA tinygemm) or, on CPU, the kernel behind
+_weight_int4pack_mm_for_cpu (quantized::int4mm_packed_weight_cpu, which takes its group size as a tensor).
 
 Every nn.Linear is quantized: the attention and MLP projections and the output layer (the largest matrix of a
 128k-vocabulary model). The embedding stays in the model dtype: a token reads one row of it, not the matrix.
@@ -244,6 +245,9 @@ class WeightOnlyInt4Linear(ShardableLinear, nn.Module):
         self.register_buffer("packed_weight", packed, persistent=False)
         self.register_buffer("packed_scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous(),
                              persistent=False)
+        # The CPU kernel's group size as the tensor its op takes: inductor's lowering of _weight_int4pack_mm_for_cpu
+        # makes it a graph constant, which torch 2.13 cannot pass inside a layer graph that all layers share.
+        self.register_buffer("packed_groupsize", torch.tensor(self.groupsize), persistent=False)
         self.packed_for = device.type
 
     def forward(self, x: Tensor) -> Tensor:
@@ -257,8 +261,8 @@ class WeightOnlyInt4Linear(ShardableLinear, nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed_weight, self.groupsize,
                                                    self.packed_scales_and_zeros)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed_weight, self.groupsize,
-                                                           self.packed_scales_and_zeros)
+            y = torch.ops.quantized.int4mm_packed_weight_cpu(x2, self.packed_weight, self.packed_groupsize,
+                                                             self.packed_scales_and_zeros)
         y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return _add_bias(y, self.bias)
 
