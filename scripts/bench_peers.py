@@ -42,7 +42,8 @@ from gpt_fast.model.args import ModelArgs  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2-360M's shape (same tokenizer and vocabulary), random weights.
-LARGER_SHAPE = dict(block_count=32, embedding_length=960, feed_forward_length=2560, head_count=15, head_count_kv=5)
+LARGER_SHAPE = {"block_count": 32, "embedding_length": 960, "feed_forward_length": 2560, "attention.head_count": 15,
+                "attention.head_count_kv": 5}  # GGUF metadata keys, under "llama."
 CHAT_PROMPT = "Write a long story about a robot who learns to paint, with many details about its first paintings."
 OUR_ROWS = {"bf16": (None, None), "int8": ("int8", None), "int4-g32": ("int4", 32), "int4-g64": ("int4", 64),
             "int4-g128": ("int4", 128)}
@@ -108,8 +109,9 @@ def random_larger_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     """LARGER_SHAPE's tensors with GGUF's names and shapes: N(0, 0.02) matrices, unit norms."""
     rng = np.random.default_rng(seed)
     s = LARGER_SHAPE
-    dim, ffn, head_dim = s["embedding_length"], s["feed_forward_length"], s["embedding_length"] // s["head_count"]
-    kv = s["head_count_kv"] * head_dim
+    dim, ffn = s["embedding_length"], s["feed_forward_length"]
+    head_dim = dim // s["attention.head_count"]
+    kv = s["attention.head_count_kv"] * head_dim
     shapes = {"attn_q.weight": (dim, dim), "attn_k.weight": (kv, dim), "attn_v.weight": (kv, dim),
               "attn_output.weight": (dim, dim), "ffn_gate.weight": (ffn, dim), "ffn_up.weight": (ffn, dim),
               "ffn_down.weight": (dim, ffn)}
@@ -138,8 +140,9 @@ def prepare_ggufs(model: str, workdir: Path) -> dict[str, Path]:
         tensors = random_larger_tensors()
         prefix = "llama."
         metadata = {prefix + k: v for k, v in LARGER_SHAPE.items()}
+        head_dim = LARGER_SHAPE["embedding_length"] // LARGER_SHAPE["attention.head_count"]
         metadata.update({"general.name": "SmolLM2-360M shape, random weights", "general.size_label": "360M",
-                         prefix + "rope.dimension_count": LARGER_SHAPE["embedding_length"] // LARGER_SHAPE["head_count"]})
+                         prefix + "rope.dimension_count": head_dim})
     for kind, path in paths.items():
         if not path.is_file():
             print(f"writing {path}", file=sys.stderr, flush=True)
