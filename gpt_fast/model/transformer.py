@@ -26,9 +26,9 @@ def explicit_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
                        cap: Optional[float] = None) -> Tensor:
     """Attention written out as matmul, softmax, matmul, for what SDPA cannot do or does slowly: logits soft-capped
     to (-cap, cap) by cap * tanh(logits / cap) before the mask (Gemma 2), and CPU steps of a few query rows, where
-    SDPA's flash kernel costs ~150 us a call whatever the size (half a SmolLM2 decode step) and these few ops fuse
-    into the compiled step. q [B, H, T, D]; keys, values [B, Hkv, K, D]; mask [B, 1, T, K]. Logits and softmax in
-    fp32. The query heads that share a kv head are folded into its rows, so GQA reads each key once."""
+    SDPA's flash kernel costs ~150 us a call whatever the size (over a quarter of a SmolLM2 decode step) and these
+    few ops fuse into the compiled step. q [B, H, T, D]; keys, values [B, Hkv, K, D]; mask [B, 1, T, K]. Logits
+    and softmax in fp32. The query heads that share a kv head are folded into its rows, so GQA reads each key once."""
     bsz, n_head, seqlen, head_dim = q.shape
     n_kv_heads, n_keys = keys.shape[1], keys.shape[2]
     group = n_head // n_kv_heads
