@@ -14,6 +14,7 @@ from gpt_fast.checkpoints.tiny import CORPUS
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.eval import perplexity
+from gpt_fast.model import int8_matvec
 from gpt_fast.model.args import ModelArgs
 from gpt_fast.model.quantized import WeightOnlyInt4Linear, WeightOnlyInt8Linear, quantize_model
 from gpt_fast.model.transformer import Transformer
@@ -155,6 +156,31 @@ def test_engine_batched_equals_solo_quantized(tiny_checkpoint, tokenizer):
                   [(12, 0.0), (20, 0.8), (5, 0.0), (16, 1.2)]]
         solo = [engine.generate([p], sp)[0].tokens for p, sp in zip(prompts, params)]
         assert [c.tokens for c in engine.generate(prompts, params)] == solo
+
+
+@pytest.mark.skipif(not int8_matvec.available(), reason="no AVX-512 VNNI CPU or no C++ compiler")
+def test_int8_decode_kernel_rounds_only_the_activations():
+    """The VNNI kernel of few-row int8 steps equals the library kernel up to its int8 activations (blocks of 32),
+    for rows with blocks of zeros, one large outlier and both signs; and a packed module uses it up to 4 rows."""
+    torch.manual_seed(0)
+    n, k = 200, 576
+    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scales = (torch.rand(n) / 100).to(torch.bfloat16)
+    for rows in range(1, 5):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        x[0, :64] = 0
+        x[-1, 100] = 40.0
+        expected = torch.ops.aten._weight_int8pack_mm(x, weight, scales).float()
+        got = torch.ops.gpt_fast.int8_matvec(x, weight, scales)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        errors = (got.float() - expected).norm(dim=1) / expected.norm(dim=1)
+        assert errors.max() < 0.015, errors
+    module = WeightOnlyInt8Linear.from_linear(nn.Linear(k, n, bias=False).to(torch.bfloat16))
+    module.pack()
+    assert module.vnni_decode
+    x = torch.randn(5, k).to(torch.bfloat16)
+    assert torch.equal(module(x[:4]), torch.ops.gpt_fast.int8_matvec(x[:4], module.weight, module.scales))
+    assert torch.equal(module(x), torch.ops.aten._weight_int8pack_mm(x, module.weight, module.scales))
 
 
 @pytest.mark.parametrize("mode, groupsize", [("int8", None), ("int4", 32)])

