@@ -314,8 +314,8 @@ def pack_for_device(model: nn.Module) -> None:
     """Pack int4 weights for the device they are on and pick int8's decode kernel (call after the model's last
     .to())."""
     for module in model.modules():
-        if isinstance(module, WeightOnlyInt4Linear) and module.packed_for is None or isinstance(
-                module, WeightOnlyInt8Linear):
+        if isinstance(module, WeightOnlyInt8Linear) or (isinstance(module, WeightOnlyInt4Linear)
+                                                         and module.packed_for is None):
             module.pack()
 
 
