@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import NoTextTokenizer, read_bandwidth  # noqa: E402
 
 from gpt_fast.checkpoints import default_model  # noqa: E402
-from gpt_fast.checkpoints.gguf import convert_gguf  # noqa: E402
+from gpt_fast.checkpoints.gguf import convert_gguf, dequantize  # noqa: E402
 from gpt_fast.checkpoints.load import load_model  # noqa: E402
 from gpt_fast.engine.engine import Engine  # noqa: E402
 from gpt_fast.engine.sampling import SamplingParams  # noqa: E402
@@ -54,11 +54,9 @@ BITS = {"bf16": 16, "F16": 16, "int8": 8, "Q8_0": 8, "int4-g32": 4, "int4-g64": 
 # ---------------------------------------------------------------- GGUF files
 
 def gguf_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a GGUF file, dequantized to fp32, in GGUF's (row-major numpy) shape."""
+    """Every tensor of a GGUF file, dequantized to fp32 as the converter does, in GGUF's (row-major) shape."""
     import gguf
-    reader = gguf.GGUFReader(path)
-    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
-        [int(d) for d in reversed(t.shape)]) for t in reader.tensors}
+    return {t.name: dequantize(t, torch.float32).numpy() for t in gguf.GGUFReader(path).tensors}
 
 
 def gguf_weight_bytes(path: Path) -> float:
@@ -275,15 +273,12 @@ def agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def load_average() -> float:
-    return os.getloadavg()[0]
-
-
 def bench_model(model: str, a: argparse.Namespace, tokenizer) -> dict:
     workdir = a.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     ggufs = prepare_ggufs(model, workdir)
-    checkpoint = our_checkpoint(ggufs["Q4_1"] if model == "smollm2" else ggufs["F16"], workdir / f"{model}-ours")
+    source = ggufs["Q4_1"] if model == "smollm2" else ggufs["F16"]  # the weights every row shares
+    checkpoint = our_checkpoint(source, workdir / f"{model}-ours")
     args = ModelArgs.load(checkpoint / "config.json")
     chat = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True)
     chat = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
@@ -299,8 +294,7 @@ def bench_model(model: str, a: argparse.Namespace, tokenizer) -> dict:
     for name in a.ours:
         builders.append((name, lambda n=name: Ours(n, checkpoint, max_seq_len, not a.eager, a.streams)))
     if not a.no_hf:
-        builders.append(("transformers", lambda: Transformers(ggufs["Q4_1"] if model == "smollm2" else ggufs["F16"],
-                                                              args.weight_bytes(2))))
+        builders.append(("transformers", lambda: Transformers(source, args.weight_bytes(2))))
     runners = []
     for label, build in builders:
         print(f"[{model}] setting up {label}", file=sys.stderr, flush=True)
@@ -320,10 +314,10 @@ def bench_model(model: str, a: argparse.Namespace, tokenizer) -> dict:
             res["decode_tok_s"].append(tps)
             res["ttft_s"].append(ttft)
             res["prefill_tok_s"].append(len(prefill_prompt) / prefill_s)
-            res["load"].append(load_average())
+            res["load"].append(os.getloadavg()[0])
             tokens[i] = out
             print(f"[{model}] round {round_ + 1} {runner.family:12s} {runner.name:10s} {tps:7.1f} tok/s  "
-                  f"prefill {len(prefill_prompt) / prefill_s:7.1f} tok/s  load {load_average():.1f}",
+                  f"prefill {res['prefill_tok_s'][-1]:7.1f} tok/s  load {res['load'][-1]:.1f}",
                   file=sys.stderr, flush=True)
     rows = []
     reference = {family: next((i for i, r in enumerate(runners) if r.family == family and r.bits == 16), None)
@@ -344,17 +338,15 @@ def bench_model(model: str, a: argparse.Namespace, tokenizer) -> dict:
                agreement(tokens[i], tokens[ours_bf16])}
         rows.append(row)
     peers = {r["bits"]: r for r in rows if r["family"] == "llama.cpp"}
-    for row in rows:
+    for i, row in enumerate(rows):
         peer = peers.get(row["bits"])
         if row["family"] == "ours" and peer:
             row["vs_llama_cpp_best"] = row["decode_tok_s_best"] / peer["decode_tok_s_best"]
             row["vs_llama_cpp_median"] = row["decode_tok_s_median"] / peer["decode_tok_s_median"]
             row["prefill_vs_llama_cpp"] = row["prefill_tok_s_best"] / peer["prefill_tok_s_best"]
-    for i, row in enumerate(rows):
-        peer = peers.get(row["bits"])
-        if results[i]["streams_tok_s"] and peer:
-            row["streams_decode_tok_s_median"] = statistics.median(results[i]["streams_tok_s"])
-            row["streams_vs_llama_cpp_single"] = row["streams_decode_tok_s_median"] / peer["decode_tok_s_median"]
+            if results[i]["streams_tok_s"]:
+                row["streams_decode_tok_s_median"] = statistics.median(results[i]["streams_tok_s"])
+                row["streams_vs_llama_cpp_single"] = row["streams_decode_tok_s_median"] / peer["decode_tok_s_median"]
     return {"model": model, "read_bandwidth_gbs": limit / 1e9, "chat_prompt_tokens": len(chat), "streams": a.streams,
             "prefill_tokens": len(prefill_prompt), "rows": rows}
 
