@@ -9,11 +9,11 @@ covers matrices up to 2048 wide only and reads its limits once, at import. Here 
 reduction over the same weight, and inductor fuses them into one loop that reads each weight element once for
 all M rows. Matmuls with more rows (prefill, larger batches, speculative verification of 5 tokens) stay on oneDNN.
 """
-import math
 from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._prims_common import make_contiguous_strides_for
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -28,10 +28,6 @@ def _call(graph: torch.fx.Graph, op: Any, *args: Any) -> torch.fx.Node:
     node = graph.call_function(op, args)
     node.meta["val"] = op(*torch.fx.node.map_arg(args, lambda a: a.meta["val"]))
     return node
-
-
-def _contiguous_strides(shape) -> list:
-    return [math.prod(shape[i + 1:]) for i in range(len(shape))]
 
 
 class MatvecAsReduction(CustomGraphPass):
@@ -53,7 +49,8 @@ class MatvecAsReduction(CustomGraphPass):
                 # for every output of the matmul (0.5 ms of SmolLM2's 1.7 ms logits layer). Static shapes only: a
                 # dynamic size cannot be a stride argument.
                 if all(isinstance(size, int) for size in x_val.shape):
-                    x32 = _call(graph, prims.inductor_force_stride_order.default, x32, _contiguous_strides(x_val.shape))
+                    x32 = _call(graph, prims.inductor_force_stride_order.default, x32,
+                                make_contiguous_strides_for(x_val.shape))
                 rows = []
                 for m in range(int(x_val.shape[rows_dim])):
                     x_m = _call(graph, aten.select.int, x32, rows_dim, m)
