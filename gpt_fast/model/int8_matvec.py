@@ -20,7 +20,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".cpp")
-MAX_ROWS = 4  # decode of small batches; wider steps read the weights once per row here
+# Decode of small batches, as the compile pass's matvec.MAX_ROWS. Each row adds its own dot products (a weight row is
+# read once for all of them): wider steps keep the library kernel (not measured against it).
+MAX_ROWS = 4
 CHUNK = 64  # the kernel's input width unit (two blocks of 32)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 
