@@ -34,8 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # What the device image is known to hold and what gpt-fast-serve asks for (requirements*.txt), checked by name.
 PACKAGES = ["torch", "triton", "sentencepiece", "tiktoken", "tokenizers", "safetensors", "pyyaml", "huggingface_hub",
-            "jinja2", "gguf", "transformers", "accelerate", "pytest", "requests", "torchserve", "torch-model-archiver",
-            "openai"]
+            "jinja2", "gguf", "ninja", "transformers", "accelerate", "pytest", "requests", "torchserve",
+            "torch-model-archiver", "openai"]
 # Anchors for Llama 3.1 8B batch-1 decode on one H100 (torchao, tok/s): the yardstick.
 ANCHORS = {"bf16": 127, "int8": 199, "int4-g128": 241}
 
