@@ -183,20 +183,6 @@ def test_int8_decode_kernel_rounds_only_the_activations():
     assert torch.equal(module(x), torch.ops.aten._weight_int8pack_mm(x, module.weight, module.scales))
 
 
-@pytest.mark.parametrize("mode, groupsize", [("int8", None), ("int4", 32)])
-def test_compiled_decode_equals_eager_quantized(tiny_checkpoint, tokenizer, mode, groupsize):
-    """Compiled on CPU, the layers of a quantized model share one graph (int4's kernel included): greedy tokens at
-    batch 1 and 2 are eager's."""
-    model = quantize_model(load_model(tiny_checkpoint, device="cpu", dtype=torch.bfloat16), mode, groupsize)
-    prompts = [tokenizer.encode(p) for p in PROMPTS[:2]]
-    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    runs = {}
-    for compile in (False, True):
-        engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=64, compile=compile)
-        runs[compile] = [[c.tokens for c in engine.generate(batch, params)] for batch in (prompts, prompts[:1])]
-    assert runs[True] == runs[False]
-
-
 def test_bad_input_is_rejected_clearly(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="unknown quantization mode 'int3'"):
         quantize_model(random_model(), "int3")
