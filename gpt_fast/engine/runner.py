@@ -11,7 +11,7 @@ Compiled, every batch size and step width is its own graph. How lengths are comp
 Eager, lengths are only rounded up a little (the cache prefix read to a multiple of KV_STEP).
 """
 import bisect
-import contextlib
+import types
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -58,6 +58,13 @@ def bucket(buckets: Sequence[int], n: int) -> int:
     return buckets[bisect.bisect_left(buckets, n)]
 
 
+def _own_code(method: Callable) -> Callable:
+    """The bound method on a copy of its function's code object."""
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, compile: bool = False,
                  vocab_size: Optional[int] = None):
@@ -74,7 +81,6 @@ class ModelRunner:
         # One prompt length needs no dynamic size (and a chunk as long as the cache is specialized to it).
         self.dynamic_prefill = self.dynamic_lengths and len(self.prefill_buckets) > 1
         self._rows, self._slot = self._rows_logits, self._slot_logits
-        self._warm_shapes: set[tuple] = set()  # the row-step graphs warmup() compiled: (batch, width, kv bucket)
         if compile:
             self._compile()
 
@@ -104,9 +110,16 @@ class ModelRunner:
                     return fn(*args)
             return call
 
-        self._rows = with_settings(torch.compile(self._rows_logits, mode="reduce-overhead" if cuda else None,
-                                                 fullgraph=True, dynamic=False))
-        self._slot = with_settings(torch.compile(self._slot_logits, fullgraph=True, dynamic=False))
+        # Guards only on the call's arguments, none on the model: it never changes once its runner exists, and
+        # checking its ~300-600 parameters and modules on every call cost up to 0.9 ms of a 7 ms SmolLM2 int8 step.
+        # Dynamo keeps graphs per code object, so each runner compiles its own copy of the code: without the model's
+        # guards a draft's runner would otherwise run the target's graphs.
+        guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        # CUDA graphs ("reduce-overhead" mode, which cannot be given with options) for the row steps only.
+        self._rows = with_settings(torch.compile(_own_code(self._rows_logits), fullgraph=True, dynamic=False,
+                                                 options={**guards, "triton.cudagraphs": cuda}))
+        self._slot = with_settings(torch.compile(_own_code(self._slot_logits), fullgraph=True, dynamic=False,
+                                                 options=guards))
 
     def rows(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
         """tokens, positions [B, T] for slots 0..B-1, every position below kv_len -> logits [B, T, V]."""
@@ -114,12 +127,7 @@ class ModelRunner:
         keys = self.model.key_positions[:kv_len]
         if self.dynamic_lengths:
             torch._dynamo.mark_dynamic(keys, 0)
-        # A shape warmup() compiled skips the guards that never told two of its graphs apart (all but the tensor
-        # guards: SmolLM2 bf16 on CPU 0.54 -> 0.19 ms of a ~8 ms step); the rest still pick its graph. Any other
-        # shape is checked in full.
-        warm = (*tokens.shape, None if self.dynamic_lengths else kv_len) in self._warm_shapes
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext():
-            return self._rows(tokens, positions, keys)
+        return self._rows(tokens, positions, keys)
 
     def prefill(self, slot: int, tokens: list[int], start: int) -> Tensor:
         """Write `tokens` (sequence positions start, start+1, ...) into `slot`, in chunks padded to a prefill
@@ -153,12 +161,6 @@ class ModelRunner:
                 for kv_len in kv_lens:
                     for _ in range(runs):
                         self.rows(tokens, torch.full_like(tokens, -1), kv_len)
-        # Where dynamo's recursive dict tags are on (torch 2.11's default, off in 2.13), a full check skips unchanged
-        # modules' guards itself and is the faster one (int8 SmolLM2: 0.21 vs 0.65 ms).
-        dict_tags = torch._dynamo.config.use_recursive_dict_tags_for_guards
-        if (self.dynamic_lengths or self.static_lengths) and not dict_tags:
-            self._warm_shapes |= {(batch, width, None if self.dynamic_lengths else kv_len)
-                                  for batch in batches for width in widths for kv_len in kv_lens}
         for length in lengths:
             tokens = torch.zeros(1, length, dtype=torch.long, device=self.device)
             self._prefill_chunk(tokens, torch.full_like(tokens, -1), 0, 0)
