@@ -15,6 +15,11 @@
 
 namespace {
 
+inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bf16 -> 16 fp32 (a bf16 is the high half of an fp32)
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
 constexpr int64_t kBlock = 32;   // inputs per activation scale
 constexpr int64_t kChunk = 64;   // bytes per vector: two blocks
 
@@ -26,19 +31,23 @@ struct QuantizedRow {
 
   void assign(const at::BFloat16* x, int64_t k) {  // reuses the vectors' memory from call to call
     magnitude.resize(k);
-    negative.assign(k / kChunk, 0);
+    negative.resize(k / kChunk);
     lane_scales.resize(k / kChunk * 16);
-    for (int64_t b = 0; b < k / kBlock; ++b) {
-      float amax = 0.f;
-      for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(static_cast<float>(x[b * kBlock + i])));
-      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        const int64_t j = b * kBlock + i;
-        const int q = static_cast<int>(std::nearbyint(static_cast<float>(x[j]) * inverse));
-        magnitude[j] = static_cast<uint8_t>(std::abs(q));
-        if (q < 0) negative[j / kChunk] |= __mmask64{1} << (j % kChunk);
+    for (int64_t c = 0; c < k / kChunk; ++c) {
+      __m128i codes[4];  // the chunk's 64 codes, 16 at a time
+      for (int64_t h = 0; h < 2; ++h) {  // its two blocks
+        const __m512 lo = load_bf16(x + c * kChunk + h * kBlock), hi = load_bf16(x + c * kChunk + h * kBlock + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        // Rounded to nearest even, as std::nearbyint; within [-127, 127], so the saturating packs never clip.
+        codes[2 * h] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)));
+        codes[2 * h + 1] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse)));
+        std::fill_n(&lane_scales[c * 16 + h * 8], 8, amax / 127.f);
       }
-      std::fill_n(&lane_scales[b * 8], 8, amax / 127.f);
+      const __m512i q = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_set_m128i(codes[1], codes[0])), _mm256_set_m128i(codes[3], codes[2]), 1);
+      _mm512_storeu_si512(&magnitude[c * kChunk], _mm512_abs_epi8(q));
+      negative[c] = _mm512_movepi8_mask(q);
     }
   }
 
