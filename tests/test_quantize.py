@@ -161,12 +161,13 @@ def test_engine_batched_equals_solo_quantized(tiny_checkpoint, tokenizer):
 @pytest.mark.skipif(not int8_matvec.available(), reason="no AVX-512 VNNI CPU or no C++ compiler")
 def test_int8_decode_kernel_rounds_only_the_activations():
     """The VNNI kernel of few-row int8 steps equals the library kernel up to its int8 activations (blocks of 32),
-    for rows with blocks of zeros, one large outlier and both signs; and a packed module uses it up to 4 rows."""
+    for rows with blocks of zeros, one large outlier and both signs, in one pass over the weights or two (9 rows);
+    and a packed module uses it up to MAX_ROWS rows."""
     torch.manual_seed(0)
     n, k = 200, 576
     weight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     scales = (torch.rand(n) / 100).to(torch.bfloat16)
-    for rows in range(1, 5):
+    for rows in range(1, 10):
         x = torch.randn(rows, k).to(torch.bfloat16)
         x[0, :64] = 0
         x[-1, 100] = 40.0
@@ -178,8 +179,8 @@ def test_int8_decode_kernel_rounds_only_the_activations():
     module = WeightOnlyInt8Linear.from_linear(nn.Linear(k, n, bias=False).to(torch.bfloat16))
     module.pack()
     assert module.vnni_decode
-    x = torch.randn(5, k).to(torch.bfloat16)
-    assert torch.equal(module(x[:4]), torch.ops.gpt_fast.int8_matvec(x[:4], module.weight, module.scales))
+    x = torch.randn(int8_matvec.MAX_ROWS + 1, k).to(torch.bfloat16)
+    assert torch.equal(module(x[:-1]), torch.ops.gpt_fast.int8_matvec(x[:-1], module.weight, module.scales))
     assert torch.equal(module(x), torch.ops.aten._weight_int8pack_mm(x, module.weight, module.scales))
 
 

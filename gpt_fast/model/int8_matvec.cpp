@@ -2,8 +2,7 @@
 //
 // Each row of x is quantized to int8 in blocks of 32 (one fp32 scale per block), so a weight row's dot product
 // is 64 int8 products per AVX-512 VNNI instruction (vpdpbusd) instead of 16 float multiply-adds after converting
-// every weight: the loop then streams int8 weights at memory speed. vpdpbusd takes unsigned x signed bytes, so
-// x's absolute value is the unsigned side and its sign is moved onto the weight (codes are within [-127, 127]).
+// every weight: the loop then streams int8 weights at memory speed, for up to 8 rows in one pass over them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -25,44 +24,51 @@ constexpr int64_t kChunk = 64;   // bytes per vector: two blocks
 
 // One activation row, quantized to int8 in blocks of 32 and laid out for the loop: x ~ q * scale per block.
 struct QuantizedRow {
-  std::vector<uint8_t> magnitude;   // |q|
-  std::vector<__mmask64> negative;  // per chunk: which of its 64 inputs are negative
-  std::vector<float> lane_scales;   // per chunk: 16 lanes, the first 8 of its first block's scale, 8 of the second's
+  std::vector<int8_t> q;
+  std::vector<float> lane_scales;  // per chunk: 16 lanes, the first 8 of its first block's scale, 8 of the second's
+  float offset = 0.f;              // 128 * sum of q * scale: what the weights' +128 (dot_rows) adds to a product
 
   void assign(const at::BFloat16* x, int64_t k) {  // reuses the vectors' memory from call to call
-    magnitude.resize(k);
-    negative.resize(k / kChunk);
+    q.resize(k);
     lane_scales.resize(k / kChunk * 16);
-    for (int64_t c = 0; c < k / kChunk; ++c) {
-      __m128i codes[4];  // the chunk's 64 codes, 16 at a time
-      for (int64_t h = 0; h < 2; ++h) {  // its two blocks
-        const __m512 lo = load_bf16(x + c * kChunk + h * kBlock), hi = load_bf16(x + c * kChunk + h * kBlock + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        // Rounded to nearest even, as std::nearbyint; within [-127, 127], so the saturating packs never clip.
-        codes[2 * h] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)));
-        codes[2 * h + 1] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse)));
-        std::fill_n(&lane_scales[c * 16 + h * 8], 8, amax / 127.f);
-      }
-      const __m512i q = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_set_m128i(codes[1], codes[0])), _mm256_set_m128i(codes[3], codes[2]), 1);
-      _mm512_storeu_si512(&magnitude[c * kChunk], _mm512_abs_epi8(q));
-      negative[c] = _mm512_movepi8_mask(q);
+    offset = 0.f;
+    for (int64_t b = 0; b < k / kBlock; ++b) {
+      const __m512 lo = load_bf16(x + b * kBlock), hi = load_bf16(x + b * kBlock + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      // Rounded to nearest even, as std::nearbyint; within [-127, 127], so the saturating packs never clip.
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * kBlock]), _mm512_cvtsepi32_epi8(qlo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * kBlock + 16]), _mm512_cvtsepi32_epi8(qhi));
+      std::fill_n(&lane_scales[b * 8], 8, amax / 127.f);
+      offset += 128.f * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi))) * (amax / 127.f);
     }
-  }
-
-  float dot(const int8_t* w) const {
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
-    for (size_t c = 0; c < negative.size(); ++c) {
-      const __m512i weights = _mm512_loadu_si512(w + c * kChunk);
-      const __m512i signed_weights = _mm512_mask_sub_epi8(weights, negative[c], zero, weights);
-      const __m512i sums = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(&magnitude[c * kChunk]), signed_weights);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_loadu_ps(&lane_scales[c * 16]), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
   }
 };
+
+// out[r] = the dot product of rows[r] with the weight row w, for M rows in one pass: each 64 weights are loaded
+// once for all of them. vpdpbusd multiplies unsigned by signed bytes: the weights, flipped to unsigned (w + 128,
+// one xor), are the unsigned side and each row's offset takes the +128 back out.
+template <int M>
+void dot_rows(const QuantizedRow* rows, const int8_t* w, int64_t chunks, float* out) {
+  __m512 acc[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512(), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512i weights = _mm512_xor_si512(_mm512_loadu_si512(w + c * kChunk), flip);
+    for (int r = 0; r < M; ++r) {
+      const __m512i sums = _mm512_dpbusd_epi32(zero, weights, _mm512_loadu_si512(&rows[r].q[c * kChunk]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_loadu_ps(&rows[r].lane_scales[c * 16]), acc[r]);
+    }
+  }
+  for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) - rows[r].offset;
+}
+
+using DotRows = void (*)(const QuantizedRow*, const int8_t*, int64_t, float*);
+constexpr int64_t kPassRows = 8;  // rows per pass over the weights (their accumulators stay in registers)
+constexpr DotRows kDotRows[kPassRows] = {dot_rows<1>, dot_rows<2>, dot_rows<3>, dot_rows<4>,
+                                         dot_rows<5>, dot_rows<6>, dot_rows<7>, dot_rows<8>};
 
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) % kChunk == 0,
@@ -81,8 +87,13 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::BFloat16* sp = sc.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    float dots[kPassRows];
     for (int64_t j = begin; j < end; ++j) {
-      for (int64_t r = 0; r < m; ++r) yp[r * n + j] = rp[r].dot(wp + j * k) * static_cast<float>(sp[j]);
+      for (int64_t r0 = 0; r0 < m; r0 += kPassRows) {
+        const int64_t count = std::min(kPassRows, m - r0);
+        kDotRows[count - 1](rp + r0, wp + j * k, k / kChunk, dots);
+        for (int64_t r = 0; r < count; ++r) yp[(r0 + r) * n + j] = dots[r] * static_cast<float>(sp[j]);
+      }
     }
   });
   return y;

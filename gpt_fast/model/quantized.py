@@ -4,7 +4,7 @@ At batch 1, decode reads every weight once per token, so tokens/s is bounded by 
 int8 halves those bytes and int4 quarters them. Activations stay in the model dtype, except inside int4 matmuls,
 which run in bf16 on both devices, and CPU int8 decode steps, whose VNNI kernel rounds them to int8.
 
-Kernels: int8 uses aten._weight_int8pack_mm on CPU in bf16 (steps of up to 4 rows: int8_matvec.py's VNNI kernel
+Kernels: int8 uses aten._weight_int8pack_mm on CPU in bf16 (steps of up to 8 rows: int8_matvec.py's VNNI kernel
 where the CPU has it) and dequantize+matmul otherwise (gpt-fast's form, fused by inductor); int4 uses
 _weight_int4pack_mm (CUDA tinygemm) or, on CPU, the kernel behind _weight_int4pack_mm_for_cpu
 (quantized::int4mm_packed_weight_cpu, which takes its group size as a tensor).
