@@ -47,28 +47,47 @@ struct QuantizedRow {
   }
 };
 
-// out[r] = the dot product of rows[r] with the weight row w, for M rows in one pass: each 64 weights are loaded
-// once for all of them. vpdpbusd multiplies unsigned by signed bytes: the weights, flipped to unsigned (w + 128,
-// one xor), are the unsigned side and each row's offset takes the +128 back out.
+// y[r0 + r, j] for r < M and begin <= j < end: each weight row's dot products with M activation rows in one pass,
+// its 64-weight chunks loaded once for all of them. vpdpbusd multiplies unsigned by signed bytes: the weights,
+// flipped to unsigned (w + 128, one xor), are the unsigned side and each row's offset takes the +128 back out.
 template <int M>
-void dot_rows(const QuantizedRow* rows, const int8_t* w, int64_t chunks, float* out) {
-  __m512 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+void rows_pass(const QuantizedRow* rows, const int8_t* w, const at::BFloat16* scales, at::BFloat16* y, int64_t n,
+               int64_t k, int64_t r0, int64_t begin, int64_t end) {
+  // Below 4 rows, two accumulators a row (even and odd chunks): one row's multiply-adds would otherwise wait on
+  // each other, bound by their latency instead of memory on one thread.
+  constexpr int kSets = M < 4 ? 2 : 1;
   const __m512i zero = _mm512_setzero_si512(), flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t c = 0; c < chunks; ++c) {
-    const __m512i weights = _mm512_xor_si512(_mm512_loadu_si512(w + c * kChunk), flip);
+  const int64_t chunks = k / kChunk;
+  for (int64_t j = begin; j < end; ++j) {
+    const int8_t* wj = w + j * k;
+    __m512 acc[kSets][M];
+    for (int s = 0; s < kSets; ++s)
+      for (int r = 0; r < M; ++r) acc[s][r] = _mm512_setzero_ps();
+    auto add_chunk = [&](int64_t c, __m512* sum) {
+      const __m512i weights = _mm512_xor_si512(_mm512_loadu_si512(wj + c * kChunk), flip);
+      for (int r = 0; r < M; ++r) {
+        const __m512i dots = _mm512_dpbusd_epi32(zero, weights, _mm512_loadu_si512(&rows[r].q[c * kChunk]));
+        sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_loadu_ps(&rows[r].lane_scales[c * 16]), sum[r]);
+      }
+    };
+    int64_t c = 0;
+    for (; c + kSets <= chunks; c += kSets)
+      for (int s = 0; s < kSets; ++s) add_chunk(c + s, acc[s]);
+    for (; c < chunks; ++c) add_chunk(c, acc[0]);
     for (int r = 0; r < M; ++r) {
-      const __m512i sums = _mm512_dpbusd_epi32(zero, weights, _mm512_loadu_si512(&rows[r].q[c * kChunk]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_loadu_ps(&rows[r].lane_scales[c * 16]), acc[r]);
+      __m512 total = acc[0][r];
+      for (int s = 1; s < kSets; ++s) total = _mm512_add_ps(total, acc[s][r]);
+      const float dot = _mm512_reduce_add_ps(total) - rows[r].offset;
+      y[(r0 + r) * n + j] = static_cast<at::BFloat16>(dot * static_cast<float>(scales[j]));
     }
   }
-  for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) - rows[r].offset;
 }
 
-using DotRows = void (*)(const QuantizedRow*, const int8_t*, int64_t, float*);
+using RowsPass = void (*)(const QuantizedRow*, const int8_t*, const at::BFloat16*, at::BFloat16*, int64_t, int64_t,
+                          int64_t, int64_t, int64_t);
 constexpr int64_t kPassRows = 8;  // rows per pass over the weights (their accumulators stay in registers)
-constexpr DotRows kDotRows[kPassRows] = {dot_rows<1>, dot_rows<2>, dot_rows<3>, dot_rows<4>,
-                                         dot_rows<5>, dot_rows<6>, dot_rows<7>, dot_rows<8>};
+constexpr RowsPass kRowsPass[kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
+                                           rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
 
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) % kChunk == 0,
@@ -87,14 +106,8 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::BFloat16* sp = sc.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    float dots[kPassRows];
-    for (int64_t j = begin; j < end; ++j) {
-      for (int64_t r0 = 0; r0 < m; r0 += kPassRows) {
-        const int64_t count = std::min(kPassRows, m - r0);
-        kDotRows[count - 1](rp + r0, wp + j * k, k / kChunk, dots);
-        for (int64_t r = 0; r < count; ++r) yp[(r0 + r) * n + j] = dots[r] * static_cast<float>(sp[j]);
-      }
-    }
+    for (int64_t r0 = 0; r0 < m; r0 += kPassRows)
+      kRowsPass[std::min(kPassRows, m - r0) - 1](rp + r0, wp, sp, yp, n, k, r0, begin, end);
   });
   return y;
 }
