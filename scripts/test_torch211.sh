@@ -6,7 +6,7 @@
 # VENV (default build/venv-torch211) is made once and reused; PYTHON defaults to a Python 3.12, as on the GPU
 # machine, where one is found, else python3.
 # The lighter pass runs what changes between torch versions: compiled decode (compile settings, the CPU inductor
-# pass, the int8/int4 kernels, SDPA with GQA), 2 tensor-parallel ranks (functional collectives) and the GPU check's
+# pass, the library int8/int4 kernels and our C++ ones, SDPA with GQA), 2 tensor-parallel ranks (functional collectives) and the GPU check's
 # rehearsal (tests/test_cuda.py's CPU cases, tests/test_gpu_check.py); ~2 min of CPU. The whole suite (`tests`)
 # passed on 2.11 too (2026-11-29), at the CPU cost of the main pass.
 # PyPI's only Linux torch 2.11.0 wheel is the CUDA 13 build (download.pytorch.org's CPU wheels are not reachable
@@ -52,6 +52,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "torch $(python -c 'import torch; print(torch.__version__)'), $(python --version)"
 if (($# == 0)); then
   set -- tests/test_cuda.py tests/test_gpu_check.py tests/test_engine.py::test_compiled_small_batch_decode_equals_eager \
-    tests/test_quantize.py::test_int8_decode_kernel_rounds_only_the_activations
+    tests/test_quantize.py::test_int8_decode_kernel_rounds_only_the_activations \
+    tests/test_decode_kernels.py::test_bf16_decode_kernel_gives_the_library_products
 fi
 exec python -m pytest -q "$@"

@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt_fast.model import cpu_kernels
+from gpt_fast.model.layers import Linear
 from gpt_fast.model.matvec import MatvecAsReduction
 from gpt_fast.model.transformer import explicit_attention
 
@@ -38,3 +40,28 @@ def test_few_row_mm_and_bmm_compile_to_reductions_with_the_same_result():
         q, k = torch.randn(4, rows, 16), torch.randn(4, 16, 24)
         for got, expected in zip(compiled(x, w, q, k), step(x, w, q, k)):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_kernels.bf16_available(), reason="no AVX-512 BF16 CPU or no C++ compiler")
+def test_bf16_decode_kernel_gives_the_library_products():
+    """The bf16 kernel of few-row steps rounds the same fp32 sums as F.linear (in one pass over the weights or two:
+    9 rows); a packed Linear uses it, bias added, for eager steps of up to MAX_ROWS rows and compiled steps of more
+    than the compile pass's 4, and F.linear beyond."""
+    torch.manual_seed(0)
+    n, k = 200, 576
+    weight = torch.randn(n, k).to(torch.bfloat16)
+    for rows in range(1, 10):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        got = torch.ops.gpt_fast.bf16_matvec(x, weight)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        torch.testing.assert_close(got, F.linear(x.float(), weight.float()).to(torch.bfloat16))
+    module = Linear(k, n, bias=True, dtype=torch.bfloat16)
+    module.pack()
+    assert module.bf16_decode
+    x = torch.randn(2, 3, cpu_kernels.MAX_ROWS + 1, k).to(torch.bfloat16)
+    kernel = lambda rows: torch.ops.gpt_fast.bf16_matvec(rows, module.weight) + module.bias  # noqa: E731
+    assert torch.equal(module(x[0, :, :2]), kernel(x[0, :, :2].reshape(6, k)).view(3, 2, n))
+    assert torch.equal(module(x[0]), F.linear(x[0], module.weight, module.bias))
+    compiled = torch.compile(module, fullgraph=True)
+    assert torch.equal(compiled(x[1, :2, :3]), kernel(x[1, :2, :3].reshape(6, k)).view(2, 3, n))
+    assert torch.equal(compiled(x[1, 0, :4]), F.linear(x[1, 0, :4], module.weight, module.bias))

@@ -14,7 +14,7 @@ from gpt_fast.checkpoints.tiny import CORPUS
 from gpt_fast.engine.engine import Engine
 from gpt_fast.engine.sampling import SamplingParams
 from gpt_fast.eval import perplexity
-from gpt_fast.model import int8_matvec
+from gpt_fast.model import cpu_kernels
 from gpt_fast.model.args import ModelArgs
 from gpt_fast.model.quantized import WeightOnlyInt4Linear, WeightOnlyInt8Linear, quantize_model
 from gpt_fast.model.transformer import Transformer
@@ -158,7 +158,7 @@ def test_engine_batched_equals_solo_quantized(tiny_checkpoint, tokenizer):
         assert [c.tokens for c in engine.generate(prompts, params)] == solo
 
 
-@pytest.mark.skipif(not int8_matvec.available(), reason="no AVX-512 VNNI CPU or no C++ compiler")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 VNNI CPU or no C++ compiler")
 def test_int8_decode_kernel_rounds_only_the_activations():
     """The VNNI kernel of few-row int8 steps equals the library kernel up to its int8 activations (blocks of 32),
     for rows with blocks of zeros, one large outlier and both signs, in one pass over the weights or two (9 rows);
@@ -179,7 +179,7 @@ def test_int8_decode_kernel_rounds_only_the_activations():
     module = WeightOnlyInt8Linear.from_linear(nn.Linear(k, n, bias=False).to(torch.bfloat16))
     module.pack()
     assert module.vnni_decode
-    x = torch.randn(int8_matvec.MAX_ROWS + 1, k).to(torch.bfloat16)
+    x = torch.randn(cpu_kernels.MAX_ROWS + 1, k).to(torch.bfloat16)
     assert torch.equal(module(x[:-1]), torch.ops.gpt_fast.int8_matvec(x[:-1], module.weight, module.scales))
     assert torch.equal(module(x), torch.ops.aten._weight_int8pack_mm(x, module.weight, module.scales))
 

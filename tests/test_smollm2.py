@@ -79,7 +79,7 @@ def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(smollm2):
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_answers_the_demo_question(smollm2, quantize):
-    """bf16, and int8 (decoded by the VNNI kernel on CPUs that have it: int8 activations, model/int8_matvec.py)."""
+    """bf16, and int8 (decoded by the VNNI kernel on CPUs that have it: int8 activations, model/cpu_kernels.py)."""
     _, tokenizer, checkpoint = smollm2
     model = load_model(checkpoint, device="cpu", dtype=torch.bfloat16)
     engine = Engine(model if quantize is None else quantize_model(model, quantize), HFTokenizer(tokenizer), 1, 256)

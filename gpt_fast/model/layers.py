@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernels, matvec
 from .args import ModelArgs
 
 
@@ -161,8 +162,26 @@ class ShardableLinear:
 
 
 class Linear(ShardableLinear, nn.Linear):
-    """nn.Linear (with or without bias) that can be sharded."""
+    """nn.Linear (with or without bias) that can be sharded; on CPUs that have it, bf16 steps of a few rows run
+    cpu_kernels' bf16 matmul (pack() decides)."""
     ROW_DIMS = {"weight": 0, "bias": 0}
+    bf16_decode = False
+
+    def pack(self) -> None:
+        """Choose the kernel of few-row steps: cpu_kernels' where this CPU, the width and the dtype allow it."""
+        self.bf16_decode = (self.weight.device.type == "cpu" and self.weight.dtype == torch.bfloat16
+                            and self.in_features % cpu_kernels.BF16_CHUNK == 0 and self.weight.is_contiguous()
+                            and cpu_kernels.bf16_available())
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        # Compiled, steps of up to matvec.MAX_ROWS rows are the compile pass's fused reductions instead.
+        if (self.bf16_decode and x.dtype == torch.bfloat16 and rows <= cpu_kernels.MAX_ROWS
+                and not (torch.compiler.is_compiling() and rows <= matvec.MAX_ROWS)):
+            y = torch.ops.gpt_fast.bf16_matvec(x.reshape(rows, x.shape[-1]), self.weight)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
     def resized(self, in_features: int, out_features: int) -> "Linear":
         return Linear(in_features, out_features, bias=self.bias is not None, device="meta", dtype=self.weight.dtype)

@@ -4,7 +4,7 @@ At batch 1, decode reads every weight once per token, so tokens/s is bounded by 
 int8 halves those bytes and int4 quarters them. Activations stay in the model dtype, except inside int4 matmuls,
 which run in bf16 on both devices, and CPU int8 decode steps, whose VNNI kernel rounds them to int8.
 
-Kernels: int8 uses aten._weight_int8pack_mm on CPU in bf16 (steps of up to 8 rows: int8_matvec.py's VNNI kernel
+Kernels: int8 uses aten._weight_int8pack_mm on CPU in bf16 (steps of up to 8 rows: cpu_kernels.py's VNNI kernel
 where the CPU has it) and dequantize+matmul otherwise (gpt-fast's form, fused by inductor); int4 uses
 _weight_int4pack_mm (CUDA tinygemm) or, on CPU, the kernel behind _weight_int4pack_mm_for_cpu
 (quantized::int4mm_packed_weight_cpu, which takes its group size as a tensor).
@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import int8_matvec
+from . import cpu_kernels
 from .args import quantization_scheme
-from .layers import ShardableLinear
+from .layers import Linear, ShardableLinear
 from .transformer import MoEFeedForward, Transformer
 
 INT8_PAD_IN = 16  # the CPU int8 kernel in bf16 reads K in blocks of 16: other K read past the end (torch 2.13)
@@ -105,7 +105,7 @@ class WeightOnlyInt8Linear(ShardableLinear, nn.Module):
         self.register_buffer("weight", torch.empty(out_features, self.padded_in, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         _empty_bias(self, bias, out_features, dtype, device)
-        self.vnni_decode = False  # steps of a few rows through int8_matvec.py's kernel (set by pack_for_device)
+        self.vnni_decode = False  # steps of a few rows through cpu_kernels.py's kernel (set by pack_for_device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "WeightOnlyInt8Linear":
@@ -124,14 +124,14 @@ class WeightOnlyInt8Linear(ShardableLinear, nn.Module):
         state[prefix + "weight"] = F.pad(weight, (0, _round_up(size, INT8_PAD_IN) - size))
 
     def pack(self) -> None:
-        """Choose the kernel of few-row steps: int8_matvec's where this CPU, the width and the dtype allow it."""
+        """Choose the kernel of few-row steps: cpu_kernels' where this CPU, the width and the dtype allow it."""
         self.vnni_decode = (self.weight.device.type == "cpu" and self.scales.dtype == torch.bfloat16
-                            and self.padded_in % int8_matvec.CHUNK == 0 and self.weight.is_contiguous()
-                            and int8_matvec.available())
+                            and self.padded_in % cpu_kernels.INT8_CHUNK == 0 and self.weight.is_contiguous()
+                            and cpu_kernels.available())
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = _flat_padded(x, self.padded_in)
-        if self.vnni_decode and x2.shape[0] <= int8_matvec.MAX_ROWS:
+        if self.vnni_decode and x2.shape[0] <= cpu_kernels.MAX_ROWS:
             y = torch.ops.gpt_fast.int8_matvec(x2, self.weight, self.scales)
         else:
             y = int8_linear(x2, self.weight, self.scales)
@@ -311,11 +311,11 @@ def empty_quantized_linears(model: Transformer, scheme: dict) -> None:
 
 
 def pack_for_device(model: nn.Module) -> None:
-    """Pack int4 weights for the device they are on and pick int8's decode kernel (call after the model's last
-    .to())."""
+    """Pack int4 weights for the device they are on and pick the bf16 and int8 layers' decode kernels (call after
+    the model's last .to())."""
     for module in model.modules():
-        if isinstance(module, WeightOnlyInt8Linear) or (isinstance(module, WeightOnlyInt4Linear)
-                                                         and module.packed_for is None):
+        if isinstance(module, (Linear, WeightOnlyInt8Linear)) or (isinstance(module, WeightOnlyInt4Linear)
+                                                                   and module.packed_for is None):
             module.pack()
 
 
