@@ -6,9 +6,9 @@
 # VENV (default build/venv-torch211) is made once and reused; PYTHON defaults to a Python 3.12, as on the GPU
 # machine, where one is found, else python3.
 # The lighter pass runs what changes between torch versions: compiled decode (compile settings, the CPU inductor
-# pass, the library int8/int4 kernels and our C++ ones, SDPA with GQA), 2 tensor-parallel ranks (functional collectives) and the GPU check's
-# rehearsal (tests/test_cuda.py's CPU cases, tests/test_gpu_check.py); ~2 min of CPU. The whole suite (`tests`)
-# passed on 2.11 too (2026-11-29), at the CPU cost of the main pass.
+# pass, the library int8/int4 kernels and our C++ ones, SDPA with GQA), 2 tensor-parallel ranks (functional
+# collectives) and the GPU check's rehearsal (tests/test_cuda.py's CPU cases, tests/test_gpu_check.py); ~2 min of
+# CPU. The whole suite (`tests`) passed on 2.11 too (2026-11-29), at the CPU cost of the main pass.
 # PyPI's only Linux torch 2.11.0 wheel is the CUDA 13 build (download.pytorch.org's CPU wheels are not reachable
 # everywhere). It runs on a machine without a GPU, but its libraries link CUDA's at load time, so it is installed
 # with --no-deps plus the 12 nvidia-* packages that libtorch_cuda.so needs: 1.9 GB to download, a 3.6 GB venv,
