@@ -1,4 +1,4 @@
-// y = x @ w.T for a few bf16 rows of x: the CPU bf16 matmul of eager decode steps and of compiled steps of 5-8 rows.
+// y = x @ w.T for a few bf16 rows of x: the CPU bf16 decode matmul.
 //
 // oneDNN streams a 576 x 1536 bf16 matrix at ~21 GB/s for 1-8 rows (2 threads, out of cache); inductor's fused
 // reductions (model/matvec.py) do better up to 4 rows, then each row's convert, multiply and add bound the loop.

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_kernels, matvec
+from . import cpu_kernels
 from .args import ModelArgs
 
 
@@ -175,9 +175,7 @@ class Linear(ShardableLinear, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
-        # Compiled, steps of up to matvec.MAX_ROWS rows are the compile pass's fused reductions instead.
-        if (self.bf16_decode and x.dtype == torch.bfloat16 and rows <= cpu_kernels.MAX_ROWS
-                and not (torch.compiler.is_compiling() and rows <= matvec.MAX_ROWS)):
+        if self.bf16_decode and x.dtype == torch.bfloat16 and rows <= cpu_kernels.MAX_ROWS:
             y = torch.ops.gpt_fast.bf16_matvec(x.reshape(rows, x.shape[-1]), self.weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias

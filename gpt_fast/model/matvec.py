@@ -8,6 +8,8 @@ one-row rewrite itself on CUDA (coordinate descent tuning) but not on CPU, where
 covers matrices up to 2048 wide only and reads its limits once, at import. Here each of the M rows is its own
 reduction over the same weight, and inductor fuses them into one loop that reads each weight element once for
 all M rows. Matmuls with more rows (prefill, larger batches, speculative verification of 5 tokens) stay on oneDNN.
+On CPUs with AVX-512 BF16, bf16 layers call their own kernel instead (cpu_kernels.py: faster still), and the pass
+keeps attention's few-row bmm and every other case.
 """
 from typing import Any
 
