@@ -11,7 +11,7 @@
   4-8% / 11%). Used by bf16 layers for steps of up to MAX_ROWS rows, eager or compiled; same products as oneDNN's
   up to the order of the fp32 sums.
 
-Both need AVX-512 VNNI (bf16 also AVX-512 BF16). torch caches the build (TORCH_EXTENSIONS_DIR, ~10 s the first
+Both need AVX-512 VNNI (bf16 also AVX-512 BF16). torch caches the build (TORCH_EXTENSIONS_DIR, ~7 s the first
 time); another CPU, or a machine where the build fails (no C++ compiler: inductor needs one too), keeps the library
 kernels and logs why.
 """

@@ -26,7 +26,7 @@ constexpr int64_t kChunk = 64;   // bytes per vector: two blocks
 struct QuantizedRow {
   std::vector<int8_t> q;
   std::vector<float> lane_scales;  // per chunk: 16 lanes, the first 8 of its first block's scale, 8 of the second's
-  float offset = 0.f;              // 128 * sum of q * scale: what the weights' +128 (dot_rows) adds to a product
+  float offset = 0.f;              // 128 * sum of q * scale: what the weights' +128 (rows_pass) adds to a product
 
   void assign(const at::BFloat16* x, int64_t k) {  // reuses the vectors' memory from call to call
     q.resize(k);
