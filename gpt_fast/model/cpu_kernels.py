@@ -16,7 +16,10 @@ time); another CPU, or a machine where the build fails (no C++ compiler: inducto
 kernels and logs why.
 """
 import functools
+import hashlib
 import logging
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -42,6 +45,31 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
+def _build_directory() -> Path:
+    """Where the kernels are built, named after their sources' contents and the Python and torch versions.
+
+    TorchServe unpacks the model archive, this file's .cpp included, to a new temporary folder at each start, and
+    torch's loader rebuilds whenever the sources' paths change: from a copy here they stay the same, and a server's
+    second start reuses the first one's build (~7 s)."""
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return root / f"gpt_fast_cpu_kernels-{python}-torch{torch.__version__}-{digest}"
+
+
+def _stable_sources(directory: Path) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for source in SOURCES:
+        target = directory / source.name
+        if not target.exists():  # written whole, then renamed: another process may be copying it too
+            partial = target.with_name(f"{target.name}.{os.getpid()}")
+            partial.write_bytes(source.read_bytes())
+            os.replace(partial, target)
+        paths.append(str(target))
+    return paths
+
+
 @functools.cache
 def available() -> bool:
     """Whether torch.ops.gpt_fast.int8_matvec can run here (builds and loads the kernels the first time)."""
@@ -51,9 +79,10 @@ def available() -> bool:
         return False
     from torch.utils.cpp_extension import load
     try:
-        load(name="gpt_fast_cpu_kernels", sources=[str(source) for source in SOURCES], is_python_module=False,
-             extra_cflags=["-O3", "-fopenmp"] + [f"-m{flag.replace('_', '')}" for flag in CPU_FLAGS],
-             extra_ldflags=["-fopenmp"])
+        directory = _build_directory()
+        load(name="gpt_fast_cpu_kernels", sources=_stable_sources(directory), build_directory=str(directory),
+             is_python_module=False, extra_ldflags=["-fopenmp"],
+             extra_cflags=["-O3", "-fopenmp"] + [f"-m{flag.replace('_', '')}" for flag in CPU_FLAGS])
     except Exception as e:  # noqa: BLE001 (a compiler's many ways to fail all mean: use the library kernels)
         logger.warning("CPU decode kernels: building %s failed (%s), using the library kernels",
                        ", ".join(source.name for source in SOURCES), e)
