@@ -97,7 +97,8 @@ class ModelRunner:
         # settings are per thread, so they travel with each call (the handler compiles and steps on its own engine
         # thread).
         dynamo = {"recompile_limit": 128, "accumulated_recompile_limit": 1024}
-        # CPU: matmuls of up to 4 rows (decode of small batches) as fused reductions, not oneDNN (model/matvec.py).
+        # CPU: matmuls of up to 4 rows (decode of small batches) as fused reductions, not oneDNN (model/matvec.py);
+        # bf16 layers on CPUs with AVX-512 BF16 call their own kernel instead (model/cpu_kernels.py).
         # size_asserts off: dynamo's guards have checked every input's sizes and strides already, and the asserts
         # cost ~1 ms of a 12 ms SmolLM2 CPU step (20 checks per layer in Python).
         inductor = ({"coordinate_descent_tuning": True} if cuda else

@@ -174,9 +174,9 @@ class Linear(ShardableLinear, nn.Linear):
                             and cpu_kernels.bf16_available())
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.bf16_decode and x.dtype == torch.bfloat16 and rows <= cpu_kernels.MAX_ROWS:
-            y = torch.ops.gpt_fast.bf16_matvec(x.reshape(rows, x.shape[-1]), self.weight)
+        if (self.bf16_decode and x.dtype == torch.bfloat16
+                and x.numel() <= cpu_kernels.MAX_ROWS * x.shape[-1]):  # at most MAX_ROWS rows
+            y = torch.ops.gpt_fast.bf16_matvec(x.reshape(-1, x.shape[-1]), self.weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
