@@ -9,6 +9,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "lane_sums.h"
+
 #include <algorithm>
 
 namespace {
@@ -30,7 +32,9 @@ __attribute__((target("avx512bf16"))) void rows_pass(const at::BFloat16* x, cons
       for (int r = 0; r < M; ++r)
         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(x + (r0 + r) * k + c), weights);
     }
-    for (int r = 0; r < M; ++r) y[(r0 + r) * n + j] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r]));
+    float sums[M];
+    gpt_fast::lane_sums<M>(acc, sums);
+    for (int r = 0; r < M; ++r) y[(r0 + r) * n + j] = static_cast<at::BFloat16>(sums[r]);
   }
 }
 

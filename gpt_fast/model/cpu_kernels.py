@@ -1,4 +1,5 @@
-"""The CPU matmuls of a few rows (decode steps), in C++, built on first use with torch's C++ extension loader.
+"""The CPU matmuls of decode steps (and int4's of every step), in C++, built on first use with torch's C++ extension
+loader.
 
 - int8_matvec.cpp: at a few rows, `aten._weight_int8pack_mm` converts every int8 weight to float before
   multiplying and is bound by that arithmetic. This kernel quantizes the activation rows to int8 in blocks of 32
@@ -6,14 +7,20 @@
   ~1.3x at eight. Its products differ from the library's by the activations' rounding (~0.6% of the output's norm
   on random data), as llama.cpp's Q8_0 do. Used by int8 layers for steps of up to MAX_ROWS rows (decode,
   speculative verification) whose input width is a multiple of 64; prefill keeps the library kernel.
+- int4_matmul.cpp: grouped int4 weights times activations rounded the same way (llama.cpp's Q4_1 x Q8_1), for any
+  number of rows: decode, verification and prefill. Its layout puts 16 blocks of 32 inputs side by side, one per
+  vector lane, so each block's products stay in int32 until a superblock of 512 inputs is done; 1.2-1.4x the
+  library kernel (int4mm_packed_weight_cpu) per matrix, whole SmolLM2 steps ~1.3x. Its products differ from the
+  dequantized matmul's by the activations' rounding times the weights (~1% of the output's norm on random data).
 - bf16_matvec.cpp: bf16 x bf16 with AVX-512 BF16 dot products, ~1.8x oneDNN at 1-8 rows and faster than the
   compile pass's fused reductions (model/matvec.py) in whole compiled steps too (SmolLM2 at batch 1 / 2 / 4: 2-3% /
   4-8% / 11%). Used by bf16 layers for steps of up to MAX_ROWS rows, eager or compiled; same products as oneDNN's
   up to the order of the fp32 sums.
 
-Both need AVX-512 VNNI (bf16 also AVX-512 BF16). torch caches the build (TORCH_EXTENSIONS_DIR, ~7 s the first
-time); another CPU, or a machine where the build fails (no C++ compiler: inductor needs one too), keeps the library
-kernels and logs why.
+int8_activations.h rounds activation rows for the int8 and int4 kernels; lane_sums.h adds up the accumulators of
+up to 8 rows at once. All need AVX-512 VNNI (bf16 also AVX-512 BF16). torch caches the build (TORCH_EXTENSIONS_DIR,
+~10 s the first time); another CPU, or a machine where the build fails (no C++ compiler: inductor needs one too),
+keeps the library kernels and logs why.
 """
 import functools
 import hashlib
@@ -26,12 +33,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int8_matvec.cpp", "bf16_matvec.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("int8_matvec.cpp", "int4_matmul.cpp", "bf16_matvec.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("int8_activations.h", "lane_sums.h")]
 # Decode of batches up to 8 and speculative verification: one pass over the weights for all rows. Per 1536 x 576
 # matrix out of cache, 2 threads: int8 21 / 30 / 46 us at 1 / 4 / 8 rows vs the library's 34 / 34 / 61; bf16 38 /
-# 41 / 46 us vs oneDNN's 76 / 77 / 84. Prefill keeps the library kernels.
+# 41 / 46 us vs oneDNN's 76 / 77 / 84. Their prefill keeps the library kernels.
 MAX_ROWS = 8
 INT8_CHUNK = 64  # the int8 kernel's input width unit (two blocks of 32)
+INT4_CHUNK = 64  # the int4 kernel's: inputs are padded to a multiple of it
 BF16_CHUNK = 32
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 
@@ -51,28 +60,28 @@ def _build_directory() -> Path:
     TorchServe unpacks the model archive, this file's .cpp included, to a new temporary folder at each start, and
     torch's loader rebuilds whenever the sources' paths change: from a copy here they stay the same, and a server's
     second start reuses the first one's build (~7 s)."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS)).hexdigest()[:16]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     return root / f"gpt_fast_cpu_kernels-{python}-torch{torch.__version__}-{digest}"
 
 
 def _stable_sources(directory: Path) -> list[str]:
+    """Copies the sources and their header into `directory`; returns the copied sources' paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         target = directory / source.name
         if not target.exists():  # written whole, then renamed: another process may be copying it too
             partial = target.with_name(f"{target.name}.{os.getpid()}")
             partial.write_bytes(source.read_bytes())
             os.replace(partial, target)
-        paths.append(str(target))
-    return paths
+    return [str(directory / source.name) for source in SOURCES]
 
 
 @functools.cache
 def available() -> bool:
-    """Whether torch.ops.gpt_fast.int8_matvec can run here (builds and loads the kernels the first time)."""
+    """Whether torch.ops.gpt_fast.int8_matvec and int4_matmul can run here (builds and loads the kernels the first
+    time)."""
     missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
     if missing:
         logger.info("CPU decode kernels: this CPU lacks %s, using the library kernels", ", ".join(missing))
@@ -89,6 +98,8 @@ def available() -> bool:
         return False
     torch.library.register_fake("gpt_fast::int8_matvec")(
         lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("gpt_fast::int4_matmul")(
+        lambda x, w, scales, zeros: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("gpt_fast::bf16_matvec")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     return True
 

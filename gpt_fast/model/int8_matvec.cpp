@@ -8,21 +8,19 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "int8_activations.h"
+#include "lane_sums.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace {
 
-inline __m512 load_bf16(const at::BFloat16* p) {  // 16 bf16 -> 16 fp32 (a bf16 is the high half of an fp32)
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
+using gpt_fast::kBlock;
+constexpr int64_t kChunk = 64;  // bytes per vector: two blocks
 
-constexpr int64_t kBlock = 32;   // inputs per activation scale
-constexpr int64_t kChunk = 64;   // bytes per vector: two blocks
-
-// One activation row, quantized to int8 in blocks of 32 and laid out for the loop: x ~ q * scale per block.
+// One activation row, rounded to int8 in blocks of 32 and laid out for the loop: x ~ q * scale per block.
 struct QuantizedRow {
   std::vector<int8_t> q;
   std::vector<float> lane_scales;  // per chunk: 16 lanes, the first 8 of its first block's scale, 8 of the second's
@@ -33,16 +31,9 @@ struct QuantizedRow {
     lane_scales.resize(k / kChunk * 16);
     offset = 0.f;
     for (int64_t b = 0; b < k / kBlock; ++b) {
-      const __m512 lo = load_bf16(x + b * kBlock), hi = load_bf16(x + b * kBlock + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-      const __m512 inverse = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-      // Rounded to nearest even, as std::nearbyint; within [-127, 127], so the saturating packs never clip.
-      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
-      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * kBlock]), _mm512_cvtsepi32_epi8(qlo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[b * kBlock + 16]), _mm512_cvtsepi32_epi8(qhi));
-      std::fill_n(&lane_scales[b * 8], 8, amax / 127.f);
-      offset += 128.f * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi))) * (amax / 127.f);
+      const gpt_fast::RoundedBlock block = gpt_fast::round_block(x + b * kBlock, &q[b * kBlock]);
+      std::fill_n(&lane_scales[b * 8], 8, block.scale);
+      offset += 128.f * static_cast<float>(block.q_sum) * block.scale;
     }
   }
 };
@@ -74,12 +65,12 @@ void rows_pass(const QuantizedRow* rows, const int8_t* w, const at::BFloat16* sc
     for (; c + kSets <= chunks; c += kSets)
       for (int s = 0; s < kSets; ++s) add_chunk(c + s, acc[s]);
     for (; c < chunks; ++c) add_chunk(c, acc[0]);
-    for (int r = 0; r < M; ++r) {
-      __m512 total = acc[0][r];
-      for (int s = 1; s < kSets; ++s) total = _mm512_add_ps(total, acc[s][r]);
-      const float dot = _mm512_reduce_add_ps(total) - rows[r].offset;
-      y[(r0 + r) * n + j] = static_cast<at::BFloat16>(dot * static_cast<float>(scales[j]));
-    }
+    for (int s = 1; s < kSets; ++s)
+      for (int r = 0; r < M; ++r) acc[0][r] = _mm512_add_ps(acc[0][r], acc[s][r]);
+    float dots[M];
+    gpt_fast::lane_sums<M>(acc[0], dots);
+    for (int r = 0; r < M; ++r)
+      y[(r0 + r) * n + j] = static_cast<at::BFloat16>((dots[r] - rows[r].offset) * static_cast<float>(scales[j]));
   }
 }
 

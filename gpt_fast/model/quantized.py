@@ -6,8 +6,9 @@ which run in bf16 on both devices, and CPU int8 decode steps, whose VNNI kernel 
 
 Kernels: int8 uses aten._weight_int8pack_mm on CPU in bf16 (steps of up to 8 rows: cpu_kernels.py's VNNI kernel
 where the CPU has it) and dequantize+matmul otherwise (gpt-fast's form, fused by inductor); int4 uses
-_weight_int4pack_mm (CUDA tinygemm) or, on CPU, the kernel behind _weight_int4pack_mm_for_cpu
-(quantized::int4mm_packed_weight_cpu, which takes its group size as a tensor).
+_weight_int4pack_mm (CUDA tinygemm) or, on CPU, cpu_kernels.py's VNNI kernel (any number of rows) where the CPU has
+it and else the kernel behind _weight_int4pack_mm_for_cpu (quantized::int4mm_packed_weight_cpu, which takes its
+group size as a tensor).
 
 Every nn.Linear is quantized: the attention and MLP projections and the output layer (the largest matrix of a
 128k-vocabulary model). The embedding stays in the model dtype: a token reads one row of it, not the matrix.
@@ -35,7 +36,7 @@ from .layers import Linear, ShardableLinear
 from .transformer import MoEFeedForward, Transformer
 
 INT8_PAD_IN = 16  # the CPU int8 kernel in bf16 reads K in blocks of 16: other K read past the end (torch 2.13)
-INT4_PAD_OUT = 16  # the CPU int4 kernel needs N % 16 == 0, tinygemm (CUDA) N % 8 == 0
+INT4_PAD_OUT = 16  # the library's CPU int4 kernel needs N % 16 == 0, tinygemm (CUDA) N % 8 == 0
 EXPERT_WEIGHTS = ("w1", "w2", "w3")  # MoEFeedForward's stacked expert matrices
 
 
@@ -188,8 +189,9 @@ class WeightOnlyInt8MoEFeedForward(MoEFeedForward):
 class WeightOnlyInt4Linear(ShardableLinear, nn.Module):
     """Asymmetric grouped int4: w = (code - 8) * scale + zero per group of `groupsize` input features.
 
-    in_features is padded to a multiple of groupsize (inputs are zero-padded to match), out_features to a
-    multiple of 16 when packing; outputs are sliced back. `weight` is [out, in_padded / 2] uint8 code pairs and
+    in_features is padded to a multiple of groupsize (inputs are zero-padded to match), and when packing to a
+    multiple of 64 for cpu_kernels' kernel or out_features to a multiple of 16 for the library's; outputs are
+    sliced back. `weight` is [out, in_padded / 2] uint8 code pairs and
     `scales_and_zeros` [in_padded / groupsize, out, 2] in the model dtype; packed, they are bf16 like the matmul.
     """
     ROW_DIMS = {"weight": 0, "scales_and_zeros": 1, "bias": 0}
@@ -205,6 +207,8 @@ class WeightOnlyInt4Linear(ShardableLinear, nn.Module):
                                                              dtype=dtype, device=device))
         _empty_bias(self, bias, out_features, dtype, device)
         self.packed_for = None  # the device type whose kernel layout the packed buffers are in
+        self.kernel_in = self.padded_in  # the input width the packed kernel takes
+        self.vnni_kernel = False  # packed for cpu_kernels' int4 kernel (pack decides)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, groupsize: int) -> "WeightOnlyInt4Linear":
@@ -242,37 +246,66 @@ class WeightOnlyInt4Linear(ShardableLinear, nn.Module):
         device-specific layout can never be saved as if it were the neutral one.
         """
         device = self.weight.device
-        pad = _round_up(self.out_features, INT4_PAD_OUT) - self.out_features
-        pairs = F.pad(self.weight, (0, 0, 0, pad))
-        scales_and_zeros = F.pad(self.scales_and_zeros, (0, 0, 0, pad))
-        if device.type == "cuda":
-            # tinygemm: k must be a multiple of inner_k_tiles * 16; padded_in is a multiple of 32 at least.
-            inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in % (t * 16) == 0)
-            packed = _int4_op("_convert_weight_to_int4pack")(pairs.contiguous(), inner_k_tiles)
-        elif device.type == "cpu":
-            codes = torch.stack([pairs >> 4, pairs & 15], dim=-1).view(pairs.shape[0], -1).to(torch.int32)
-            packed = _int4_op("_convert_weight_to_int4pack_for_cpu")(codes, 1)  # inner_k_tiles unused on CPU
+        if device.type == "cpu" and cpu_kernels.available():
+            self._pack_for_vnni()
+        elif device.type in ("cpu", "cuda"):
+            self._pack_for_library()
         else:
             raise RuntimeError(f"int4 runs on cpu and cuda, not {device.type}; use int8")
         del self.weight, self.scales_and_zeros
+        self.packed_for = device.type
+
+    def _codes(self) -> Tensor:
+        """The codes [out, in_padded], one a byte."""
+        return torch.stack([self.weight >> 4, self.weight & 15], dim=-1).view(self.out_features, -1)
+
+    def _pack_for_library(self) -> None:
+        pad = _round_up(self.out_features, INT4_PAD_OUT) - self.out_features
+        if self.weight.device.type == "cuda":
+            # tinygemm: k must be a multiple of inner_k_tiles * 16; padded_in is a multiple of 32 at least.
+            inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in % (t * 16) == 0)
+            pairs = F.pad(self.weight, (0, 0, 0, pad)).contiguous()
+            packed = _int4_op("_convert_weight_to_int4pack")(pairs, inner_k_tiles)
+        else:
+            codes = F.pad(self._codes(), (0, 0, 0, pad)).to(torch.int32)
+            packed = _int4_op("_convert_weight_to_int4pack_for_cpu")(codes, 1)  # inner_k_tiles unused on CPU
+        scales_and_zeros = F.pad(self.scales_and_zeros, (0, 0, 0, pad)).to(torch.bfloat16).contiguous()
         self.register_buffer("packed_weight", packed, persistent=False)
-        self.register_buffer("packed_scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous(),
-                             persistent=False)
+        self.register_buffer("packed_scales_and_zeros", scales_and_zeros, persistent=False)
         # The CPU kernel's group size as the tensor its op takes: inductor's lowering of _weight_int4pack_mm_for_cpu
         # makes it a graph constant, which torch 2.13 cannot pass inside a layer graph that all layers share.
         self.register_buffer("packed_groupsize", torch.tensor(self.groupsize), persistent=False)
-        self.packed_for = device.type
+        self.kernel_in = self.padded_in
+
+    def _pack_for_vnni(self) -> None:
+        """cpu_kernels' layout (int4_matmul.cpp): inputs padded to a multiple of 64, superblocks of 512 inputs
+        with lane l of each 64-byte vector in block l, a scale and a zero per block of 32 inputs."""
+        n, k = self.out_features, _round_up(self.padded_in, cpu_kernels.INT4_CHUNK)
+        codes = F.pad(self._codes(), (0, k - self.padded_in))
+        supers = k // 512
+        # Superblock vector t, lane l = inputs 4t..4t+3 of block l; vectors 2u and 2u + 1 share bytes as nibbles.
+        head = codes[:, :supers * 512].reshape(n, supers, 16, 8, 4).transpose(2, 3).reshape(n, supers, 4, 2, 64)
+        tail = codes[:, supers * 512:].reshape(n, k % 512 // 64, 2, 32)  # chunks of 64: first 32 in the low nibbles
+        packed = torch.cat([(part[..., 0, :] | part[..., 1, :] << 4).reshape(n, -1) for part in (head, tail)], 1)
+        scales, zeros = (F.pad(part.T.repeat_interleave(self.groupsize // 32, dim=1), (0, (k - self.padded_in) // 32))
+                         .to(torch.bfloat16).contiguous() for part in self.scales_and_zeros.unbind(-1))
+        self.register_buffer("packed_weight", packed.contiguous(), persistent=False)
+        self.register_buffer("packed_scales", scales, persistent=False)
+        self.register_buffer("packed_zeros", zeros, persistent=False)
+        self.kernel_in, self.vnni_kernel = k, True
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed_for != x.device.type:
             raise RuntimeError(f"int4 weights packed for {self.packed_for}, input on {x.device.type}: move the "
                                "model before quantizing or loading it (pack_for_device runs last)")
-        # bf16 on both devices: tinygemm takes nothing else (and a contiguous input); the CPU kernel is 25x
-        # slower in fp32.
-        x2 = _flat_padded(x, self.padded_in).to(torch.bfloat16).contiguous()
+        # bf16 on both devices: tinygemm takes nothing else (and a contiguous input); the library's CPU kernel is
+        # 25x slower in fp32.
+        x2 = _flat_padded(x, self.kernel_in).to(torch.bfloat16).contiguous()
         if self.packed_for == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed_weight, self.groupsize,
                                                    self.packed_scales_and_zeros)
+        elif self.vnni_kernel:
+            y = torch.ops.gpt_fast.int4_matmul(x2, self.packed_weight, self.packed_scales, self.packed_zeros)
         else:
             y = torch.ops.quantized.int4mm_packed_weight_cpu(x2, self.packed_weight, self.packed_groupsize,
                                                              self.packed_scales_and_zeros)
