@@ -72,9 +72,10 @@ def test_int4_g32_logits_within_10_percent():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_compute_the_dequantized_matmul(dtype):
+def test_kernels_compute_the_dequantized_matmul(dtype, monkeypatch):
     """The kernels against x @ dequantized(W).T written out from the stored codes, at shapes they cannot take
-    as they are (in_features 200: bf16 int8 on CPU reads past the end unless padded to 208; int4 pads to 224)."""
+    as they are (in_features 200: bf16 int8 on CPU reads past the end unless padded to 208; int4 pads to 224, or
+    to 256 for cpu_kernels' int4 kernel, which is checked beside the library's one that CPUs without it use)."""
     torch.manual_seed(0)
     linear = nn.Linear(200, 100, bias=False).to(dtype).requires_grad_(False)
     x = torch.randn(3, 5, 200, dtype=dtype)
@@ -86,13 +87,17 @@ def test_kernels_compute_the_dequantized_matmul(dtype):
     q4 = WeightOnlyInt4Linear.from_linear(linear, 32)
     codes = torch.stack([q4.weight >> 4, q4.weight & 15], dim=-1).view(100, -1)[:, :200].float()
     scales, zeros = (q4.scales_and_zeros.float().repeat_interleave(32, dim=0)[:200].permute(2, 1, 0))
-    w4 = (codes - 8) * scales + zeros
-    q4.pack()
-    assert q4(x).shape == (3, 5, 100)
-    if q4.vnni_kernel:  # it rounds the activations to int8, as llama.cpp does: ~1% of the output's norm
-        assert (q4(x).float() - x.float() @ w4.T).norm() / (x.float() @ w4.T).norm() < 0.015
-    else:
-        torch.testing.assert_close(q4(x).float(), x.float() @ w4.T, rtol=1e-2, atol=1e-2)
+    expected = x.float() @ ((codes - 8) * scales + zeros).T
+    for vnni in sorted({False, cpu_kernels.available()}):
+        packed = copy.deepcopy(q4)
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu_kernels, "available", lambda: vnni)
+            packed.pack()
+        assert packed.vnni_kernel == vnni and packed(x).shape == (3, 5, 100)
+        if vnni:  # it rounds the activations to int8, as llama.cpp does: ~1% of the output's norm
+            assert (packed(x).float() - expected).norm() / expected.norm() < 0.015
+        else:
+            torch.testing.assert_close(packed(x).float(), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_greedy_tokens_agree_on_tiny_model(tiny_checkpoint, tokenizer):

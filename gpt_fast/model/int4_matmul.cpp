@@ -153,9 +153,13 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::Tensor xc = x.contiguous();
   static thread_local std::vector<ActivationRow> rows;  // the calling thread's, reused from call to call
   if (static_cast<int64_t>(rows.size()) < m) rows.resize(m);
-  for (int64_t r = 0; r < m; ++r) rows[r].assign(xc.data_ptr<at::BFloat16>() + r * k, k);
+  // The caller's rows, by pointer: in the parallel regions `rows` would name each worker thread's own vector.
+  ActivationRow* rp = rows.data();
+  const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {  // a prefill's rows in parallel, a decode's inline
+    for (int64_t r = begin; r < end; ++r) rp[r].assign(xp + r * k, k);
+  });
   at::Tensor y = at::empty({m, n}, x.options());
-  const ActivationRow* rp = rows.data();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::BFloat16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
