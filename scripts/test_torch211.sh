@@ -52,7 +52,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "torch $(python -c 'import torch; print(torch.__version__)'), $(python --version)"
 if (($# == 0)); then
   set -- tests/test_cuda.py tests/test_gpu_check.py tests/test_engine.py::test_compiled_small_batch_decode_equals_eager \
-    tests/test_quantize.py::test_int8_decode_kernel_rounds_only_the_activations \
+    tests/test_quantize.py::test_int8_kernel_rounds_only_the_activations \
     tests/test_quantize.py::test_int4_kernel_rounds_only_the_activations \
     tests/test_decode_kernels.py::test_bf16_decode_kernel_gives_the_library_products
 fi

@@ -2,7 +2,7 @@
 
 args.py (ModelArgs, quantization schemes, named shapes), layers.py (norm, RoPE, KV cache, shardable Linear),
 transformer.py (attention, feed-forward, mixture of experts, the Transformer), quantized.py (int8/int4 layers),
-cpu_kernels.py + int8_matvec.cpp, bf16_matvec.cpp (the CPU few-row matmul kernels), matvec.py (the CPU compile
+cpu_kernels.py + int8_matmul.cpp, int4_matmul.cpp, bf16_matvec.cpp (the CPU matmul kernels), matvec.py (the CPU compile
 pass for few-row matmuls), tp.py (tensor parallelism over torchrun's ranks).
 
 Imports nothing else of gpt_fast: everything above builds on it.

@@ -5,18 +5,14 @@
 // Here AVX-512 BF16's vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32 sums in one instruction, with
 // no conversion, for up to 8 rows per pass over the weights: each 32-weight chunk is loaded once for all rows.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include "lane_sums.h"
-
-#include <algorithm>
+#include "row_passes.h"
 
 namespace {
 
 constexpr int64_t kChunk = 32;     // bf16 per vector
-constexpr int64_t kPassRows = 8;  // rows per pass over the weights (their accumulators stay in registers)
 
 // y[r0 + r, j] for r < M and begin <= j < end. Only these functions use AVX-512 BF16 instructions (the rest of
 // the extension is built for AVX-512 VNNI CPUs, not all of which have BF16: cpu_kernels.py checks before calling).
@@ -40,7 +36,7 @@ __attribute__((target("avx512bf16"))) void rows_pass(const at::BFloat16* x, cons
 
 using RowsPass = void (*)(const at::BFloat16*, const at::BFloat16*, at::BFloat16*, int64_t, int64_t, int64_t,
                           int64_t, int64_t);
-constexpr RowsPass kRowsPass[kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
+constexpr RowsPass kRowsPass[gpt_fast::kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
                                            rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
 
 at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& w) {
@@ -54,9 +50,8 @@ at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& w) {
   const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
   const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < m; r0 += kPassRows)
-      kRowsPass[std::min(kPassRows, m - r0) - 1](xp, wp, yp, n, k, r0, begin, end);
+  gpt_fast::for_row_passes(m, n, [&](int64_t r0, int64_t count, int64_t begin, int64_t end) {
+    kRowsPass[count - 1](xp, wp, yp, n, k, r0, begin, end);
   });
   return y;
 }

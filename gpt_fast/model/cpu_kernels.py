@@ -1,14 +1,13 @@
-"""The CPU matmuls of decode steps (and int4's of every step), in C++, built on first use with torch's C++ extension
-loader.
+"""The CPU matmuls of quantized layers and of bf16 decode steps, in C++, built on first use with torch's C++
+extension loader.
 
-- int8_matvec.cpp: at a few rows, `aten._weight_int8pack_mm` converts every int8 weight to float before
-  multiplying and is bound by that arithmetic. This kernel quantizes the activation rows to int8 in blocks of 32
-  (llama.cpp's Q8_0 activations) and multiplies with AVX-512 VNNI: ~1.5x the library kernel's speed at one row,
-  ~1.3x at eight. Its products differ from the library's by the activations' rounding (~0.6% of the output's norm
-  on random data), as llama.cpp's Q8_0 do. Used by int8 layers for steps of up to MAX_ROWS rows (decode,
-  speculative verification) whose input width is a multiple of 64; prefill keeps the library kernel.
-- int4_matmul.cpp: grouped int4 weights times activations rounded the same way (llama.cpp's Q4_1 x Q8_1), for any
-  number of rows: decode, verification and prefill. Its layout puts 16 blocks of 32 inputs side by side, one per
+- int8_matmul.cpp: `aten._weight_int8pack_mm` converts every int8 weight to float before multiplying and is bound
+  by that arithmetic. This kernel quantizes the activation rows to int8 in blocks of 32 (llama.cpp's Q8_0
+  activations) and multiplies with AVX-512 VNNI: ~1.5x the library kernel's speed at one row, ~1.3-1.4x at 8 to
+  512. Its products differ from the library's by the activations' rounding (~0.6% of the output's norm on random
+  data), as llama.cpp's Q8_0 do. Used by int8 layers whose input width is a multiple of 64, at every step.
+- int4_matmul.cpp: grouped int4 weights times activations rounded the same way (llama.cpp's Q4_1 x Q8_1), at every
+  step too. Its layout puts 16 blocks of 32 inputs side by side, one per
   vector lane, so each block's products stay in int32 until a superblock of 512 inputs is done; 1.2-1.4x the
   library kernel (int4mm_packed_weight_cpu) per matrix, whole SmolLM2 steps ~1.3x. Its products differ from the
   dequantized matmul's by the activations' rounding times the weights (~1% of the output's norm on random data).
@@ -17,8 +16,8 @@ loader.
   4-8% / 11%). Used by bf16 layers for steps of up to MAX_ROWS rows, eager or compiled; same products as oneDNN's
   up to the order of the fp32 sums.
 
-int8_activations.h rounds activation rows for the int8 and int4 kernels; lane_sums.h adds up the accumulators of
-up to 8 rows at once. All need AVX-512 VNNI (bf16 also AVX-512 BF16). torch caches the build (TORCH_EXTENSIONS_DIR,
+int8_activations.h rounds activation rows for the int8 and int4 kernels; row_passes.h is how all three walk the
+rows (tiles of weight rows, passes of up to 8 activation rows, their lane sums). All need AVX-512 VNNI (bf16 also AVX-512 BF16). torch caches the build (TORCH_EXTENSIONS_DIR,
 ~10 s the first time); another CPU, or a machine where the build fails (no C++ compiler: inductor needs one too),
 keeps the library kernels and logs why.
 """
@@ -33,11 +32,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int8_matvec.cpp", "int4_matmul.cpp", "bf16_matvec.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("int8_activations.h", "lane_sums.h")]
-# Decode of batches up to 8 and speculative verification: one pass over the weights for all rows. Per 1536 x 576
-# matrix out of cache, 2 threads: int8 21 / 30 / 46 us at 1 / 4 / 8 rows vs the library's 34 / 34 / 61; bf16 38 /
-# 41 / 46 us vs oneDNN's 76 / 77 / 84. Their prefill keeps the library kernels.
+SOURCES = [Path(__file__).with_name(name) for name in ("int8_matmul.cpp", "int4_matmul.cpp", "bf16_matvec.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("int8_activations.h", "row_passes.h")]
+# bf16 layers' steps of up to MAX_ROWS rows (decode of batches up to 8, speculative verification) take one pass
+# over the weights for all rows: per 1536 x 576 matrix out of cache, 2 threads, 38 / 41 / 46 us at 1 / 4 / 8 rows vs
+# oneDNN's 76 / 77 / 84; their prefill keeps oneDNN.
 MAX_ROWS = 8
 INT8_CHUNK = 64  # the int8 kernel's input width unit (two blocks of 32)
 INT4_CHUNK = 64  # the int4 kernel's: inputs are padded to a multiple of it
@@ -80,7 +79,7 @@ def _stable_sources(directory: Path) -> list[str]:
 
 @functools.cache
 def available() -> bool:
-    """Whether torch.ops.gpt_fast.int8_matvec and int4_matmul can run here (builds and loads the kernels the first
+    """Whether torch.ops.gpt_fast.int8_matmul and int4_matmul can run here (builds and loads the kernels the first
     time)."""
     missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
     if missing:
@@ -96,7 +95,7 @@ def available() -> bool:
         logger.warning("CPU decode kernels: building %s failed (%s), using the library kernels",
                        ", ".join(source.name for source in SOURCES), e)
         return False
-    torch.library.register_fake("gpt_fast::int8_matvec")(
+    torch.library.register_fake("gpt_fast::int8_matmul")(
         lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("gpt_fast::int4_matmul")(
         lambda x, w, scales, zeros: x.new_empty(x.shape[0], w.shape[0]))

@@ -10,12 +10,11 @@
 // int32 lane, and one convert and three multiply-adds per superblock (not per vector) apply the scales.
 // Inputs past the last whole superblock (K % 512, in chunks of 64) keep the plain order, two blocks a vector.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include "int8_activations.h"
-#include "lane_sums.h"
+#include "row_passes.h"
 
 #include <algorithm>
 #include <cstring>
@@ -26,8 +25,6 @@ namespace {
 using gpt_fast::kBlock;
 constexpr int64_t kSuper = 512;   // inputs per superblock: 16 blocks, one per lane
 constexpr int64_t kChunk = 64;    // inputs per vector
-constexpr int64_t kPassRows = 8;  // rows per pass over the weights (their accumulators stay in registers)
-constexpr int64_t kTile = 64;     // weight rows per tile: a tile stays in cache while all passes of rows read it
 
 // One activation row laid out like the weights: in a superblock, vector t's lane l holds the 4 inputs
 // [32 l + 4 t, 32 l + 4 t + 4), i.e. inputs 4 t.. of block l; the remaining chunks in their plain order.
@@ -137,7 +134,7 @@ void rows_pass(const ActivationRow* rows, const uint8_t* w, const at::BFloat16* 
 
 using RowsPass = void (*)(const ActivationRow*, const uint8_t*, const at::BFloat16*, const at::BFloat16*,
                           at::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t);
-constexpr RowsPass kRowsPass[kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
+constexpr RowsPass kRowsPass[gpt_fast::kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
                                            rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
 
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
@@ -150,24 +147,13 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) * kBlock == k && t->is_contiguous() &&
                     t->scalar_type() == at::kBFloat16,
                 "int4_matmul: scales and zeros must be contiguous bf16 [N, K / 32]");
-  const at::Tensor xc = x.contiguous();
-  static thread_local std::vector<ActivationRow> rows;  // the calling thread's, reused from call to call
-  if (static_cast<int64_t>(rows.size()) < m) rows.resize(m);
-  // The caller's rows, by pointer: in the parallel regions `rows` would name each worker thread's own vector.
-  ActivationRow* rp = rows.data();
-  const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {  // a prefill's rows in parallel, a decode's inline
-    for (int64_t r = begin; r < end; ++r) rp[r].assign(xp + r * k, k);
-  });
+  const ActivationRow* rows = gpt_fast::rounded_rows<ActivationRow>(x.contiguous());
   at::Tensor y = at::empty({m, n}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::BFloat16 *sp = scales.data_ptr<at::BFloat16>(), *zp = zeros.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; tile += kTile)
-      for (int64_t r0 = 0; r0 < m; r0 += kPassRows)
-        kRowsPass[std::min(kPassRows, m - r0) - 1](rp + r0, wp, sp, zp, yp, n, k, r0, tile,
-                                                   std::min(end, tile + kTile));
+  gpt_fast::for_row_passes(m, n, [&](int64_t r0, int64_t count, int64_t begin, int64_t end) {
+    kRowsPass[count - 1](rows + r0, wp, sp, zp, yp, n, k, r0, begin, end);
   });
   return y;
 }

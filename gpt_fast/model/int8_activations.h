@@ -3,7 +3,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include <vector>
 
 namespace gpt_fast {
 
@@ -30,6 +33,21 @@ inline RoundedBlock round_block(const at::BFloat16* x, int8_t* q) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(qlo));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(qhi));
   return {amax / 127.f, _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi))};
+}
+
+// x's rows in Row's layout (Row::assign(row, k)): a prefill's rows in parallel, a decode step's inline. The
+// calling thread keeps them from call to call (a decode step makes ~150-200 calls) and owns them until its next.
+template <typename Row>
+const Row* rounded_rows(const at::Tensor& x) {
+  static thread_local std::vector<Row> rows;
+  const int64_t m = x.size(0), k = x.size(1);
+  if (static_cast<int64_t>(rows.size()) < m) rows.resize(m);
+  Row* out = rows.data();  // by pointer: inside the parallel region `rows` would name each worker's own vector
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) out[r].assign(xp + r * k, k);
+  });
+  return out;
 }
 
 }  // namespace gpt_fast

@@ -2,10 +2,11 @@
 
 At batch 1, decode reads every weight once per token, so tokens/s is bounded by bandwidth / bytes of weights:
 int8 halves those bytes and int4 quarters them. Activations stay in the model dtype, except inside int4 matmuls,
-which run in bf16 on both devices, and CPU int8 decode steps, whose VNNI kernel rounds them to int8.
+which run in bf16 on both devices, and cpu_kernels.py's int8 and int4 kernels, which round them to int8 in blocks
+of 32 (as llama.cpp does).
 
-Kernels: int8 uses aten._weight_int8pack_mm on CPU in bf16 (steps of up to 8 rows: cpu_kernels.py's VNNI kernel
-where the CPU has it) and dequantize+matmul otherwise (gpt-fast's form, fused by inductor); int4 uses
+Kernels: int8 uses cpu_kernels.py's VNNI kernel on CPUs with AVX-512 VNNI in bf16, else aten._weight_int8pack_mm
+on CPU in bf16, and dequantize+matmul otherwise (gpt-fast's form, fused by inductor); int4 uses
 _weight_int4pack_mm (CUDA tinygemm) or, on CPU, cpu_kernels.py's VNNI kernel (any number of rows) where the CPU has
 it and else the kernel behind _weight_int4pack_mm_for_cpu (quantized::int4mm_packed_weight_cpu, which takes its
 group size as a tensor).
@@ -106,7 +107,7 @@ class WeightOnlyInt8Linear(ShardableLinear, nn.Module):
         self.register_buffer("weight", torch.empty(out_features, self.padded_in, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         _empty_bias(self, bias, out_features, dtype, device)
-        self.vnni_decode = False  # steps of a few rows through cpu_kernels.py's kernel (set by pack_for_device)
+        self.vnni_kernel = False  # through cpu_kernels' int8 kernel (pack decides, called by pack_for_device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "WeightOnlyInt8Linear":
@@ -125,15 +126,15 @@ class WeightOnlyInt8Linear(ShardableLinear, nn.Module):
         state[prefix + "weight"] = F.pad(weight, (0, _round_up(size, INT8_PAD_IN) - size))
 
     def pack(self) -> None:
-        """Choose the kernel of few-row steps: cpu_kernels' where this CPU, the width and the dtype allow it."""
-        self.vnni_decode = (self.weight.device.type == "cpu" and self.scales.dtype == torch.bfloat16
+        """Choose the kernel: cpu_kernels' where this CPU, the width and the dtype allow it."""
+        self.vnni_kernel = (self.weight.device.type == "cpu" and self.scales.dtype == torch.bfloat16
                             and self.padded_in % cpu_kernels.INT8_CHUNK == 0 and self.weight.is_contiguous()
                             and cpu_kernels.available())
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = _flat_padded(x, self.padded_in)
-        if self.vnni_decode and x2.shape[0] <= cpu_kernels.MAX_ROWS:
-            y = torch.ops.gpt_fast.int8_matvec(x2, self.weight, self.scales)
+        if self.vnni_kernel:
+            y = torch.ops.gpt_fast.int8_matmul(x2, self.weight, self.scales)
         else:
             y = int8_linear(x2, self.weight, self.scales)
         return _add_bias(y.reshape(*x.shape[:-1], self.out_features), self.bias)

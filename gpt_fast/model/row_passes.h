@@ -1,11 +1,30 @@
-// The sums of the 16 lanes of up to 8 accumulators, for the kernels' last step per weight row: one reduction a row
-// is ~8 shuffles and adds, a tree over 8 rows at once ~20 in all.
+// How the kernels walk a matmul y [M, N] = x [M, K] @ w.T: each thread takes a range of weight rows, tile by tile,
+// and each tile meets the activation rows in passes of up to 8 (their accumulators stay in registers), so a
+// prefill's many passes read a tile from cache; lane_sums finishes each weight row's dot products.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include <algorithm>
 
 namespace gpt_fast {
 
+constexpr int64_t kPassRows = 8;  // activation rows per pass over the weights
+constexpr int64_t kTile = 64;     // weight rows per tile
+
+// pass(r0, rows, begin, end) computes y[r0, r0 + rows) x [begin, end), rows <= kPassRows.
+template <typename Pass>
+void for_row_passes(int64_t m, int64_t n, const Pass& pass) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; tile += kTile)
+      for (int64_t r0 = 0; r0 < m; r0 += kPassRows)
+        pass(r0, std::min(kPassRows, m - r0), tile, std::min(end, tile + kTile));
+  });
+}
+
+// The sums of the 16 lanes of up to 8 accumulators, for the last step per weight row: one reduction a row is ~8
+// shuffles and adds, a tree over 8 rows at once ~20 in all.
 // sums[r] = the sum of acc[r]'s lanes, r < M <= 8.
 template <int M>
 inline void lane_sums(const __m512* acc, float* sums) {

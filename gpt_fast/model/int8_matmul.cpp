@@ -1,18 +1,17 @@
-// y = x @ (w * scales).T for a few rows of x: the CPU int8 decode matmul, with llama.cpp's recipe for Q8_0.
+// y = x @ (w * scales).T: the CPU int8 matmul, with llama.cpp's recipe for Q8_0.
 //
 // Each row of x is quantized to int8 in blocks of 32 (one fp32 scale per block), so a weight row's dot product
 // is 64 int8 products per AVX-512 VNNI instruction (vpdpbusd) instead of 16 float multiply-adds after converting
-// every weight: the loop then streams int8 weights at memory speed, for up to 8 rows in one pass over them.
+// every weight: the loop then streams int8 weights at memory speed, for up to 8 rows in one pass over them, and
+// a prefill's passes take the weights tile by tile, from cache.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include "int8_activations.h"
-#include "lane_sums.h"
+#include "row_passes.h"
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 namespace {
@@ -76,29 +75,24 @@ void rows_pass(const QuantizedRow* rows, const int8_t* w, const at::BFloat16* sc
 
 using RowsPass = void (*)(const QuantizedRow*, const int8_t*, const at::BFloat16*, at::BFloat16*, int64_t, int64_t,
                           int64_t, int64_t, int64_t);
-constexpr int64_t kPassRows = 8;  // rows per pass over the weights (their accumulators stay in registers)
-constexpr RowsPass kRowsPass[kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
+constexpr RowsPass kRowsPass[gpt_fast::kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
                                            rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
 
-at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) % kChunk == 0,
-              "int8_matvec: x [M, K], w [N, K] with K a multiple of 64");
+              "int8_matmul: x [M, K], w [N, K] with K a multiple of 64");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && scales.scalar_type() == at::kBFloat16,
-              "int8_matvec: x and scales must be bf16");
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "int8_matvec: w must be contiguous int8");
+              "int8_matmul: x and scales must be bf16");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "int8_matmul: w must be contiguous int8");
   const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
   const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
-  static thread_local std::vector<QuantizedRow> rows;  // the calling thread's, reused: a decode step makes ~200 calls
-  if (static_cast<int64_t>(rows.size()) < m) rows.resize(m);
-  for (int64_t r = 0; r < m; ++r) rows[r].assign(xc.data_ptr<at::BFloat16>() + r * k, k);
+  const QuantizedRow* rows = gpt_fast::rounded_rows<QuantizedRow>(xc);
   at::Tensor y = at::empty({m, n}, x.options());
-  const QuantizedRow* rp = rows.data();
   const int8_t* wp = w.data_ptr<int8_t>();
   const at::BFloat16* sp = sc.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < m; r0 += kPassRows)
-      kRowsPass[std::min(kPassRows, m - r0) - 1](rp + r0, wp, sp, yp, n, k, r0, begin, end);
+  gpt_fast::for_row_passes(m, n, [&](int64_t r0, int64_t count, int64_t begin, int64_t end) {
+    kRowsPass[count - 1](rows + r0, wp, sp, yp, n, k, r0, begin, end);
   });
   return y;
 }
@@ -106,9 +100,9 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY(gpt_fast, m) {
-  m.def("int8_matvec(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("int8_matmul(Tensor x, Tensor w, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt_fast, CPU, m) {
-  m.impl("int8_matvec", &int8_matvec);
+  m.impl("int8_matmul", &int8_matmul);
 }
