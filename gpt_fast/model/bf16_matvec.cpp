@@ -37,7 +37,7 @@ __attribute__((target("avx512bf16"))) void rows_pass(const at::BFloat16* x, cons
 using RowsPass = void (*)(const at::BFloat16*, const at::BFloat16*, at::BFloat16*, int64_t, int64_t, int64_t,
                           int64_t, int64_t);
 constexpr RowsPass kRowsPass[gpt_fast::kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
-                                           rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
+                                                     rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
 
 at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) % kChunk == 0,

@@ -4,10 +4,10 @@
 // Per block, x . w ~ d * (scale * (sum(q * code) - 8 * sum(q)) + zero * sum(q)), where x ~ q * d: the codes
 // (0..15, unsigned) times the activations' int8 codes (signed) are vpdpbusd's products, 64 per instruction, and
 // the error is the activations' rounding times the weights themselves (an all-zero group, stored as code 0,
-// scale 1 and zero 8, adds exactly nothing). The
-// float work per block is what bounds such a loop, so the weights are laid out in superblocks of 16 blocks (512
-// inputs) where lane l of every vector belongs to block l: 8 vpdpbusd sum each block's 32 products in its own
-// int32 lane, and one convert and three multiply-adds per superblock (not per vector) apply the scales.
+// scale 1 and zero 8, adds exactly nothing). The float work per block is what bounds such a loop, so the weights
+// are laid out in superblocks of 16 blocks (512 inputs) where lane l of every vector belongs to block l: 8
+// vpdpbusd sum each block's 32 products in its own int32 lane, and one convert and three multiply-adds per
+// superblock (not per vector) apply the scales.
 // Inputs past the last whole superblock (K % 512, in chunks of 64) keep the plain order, two blocks a vector.
 #include <ATen/ATen.h>
 #include <immintrin.h>
@@ -135,7 +135,7 @@ void rows_pass(const ActivationRow* rows, const uint8_t* w, const at::BFloat16* 
 using RowsPass = void (*)(const ActivationRow*, const uint8_t*, const at::BFloat16*, const at::BFloat16*,
                           at::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t);
 constexpr RowsPass kRowsPass[gpt_fast::kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
-                                           rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
+                                                     rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
 
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % kChunk == 0 && x.scalar_type() == at::kBFloat16,

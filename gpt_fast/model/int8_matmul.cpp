@@ -76,7 +76,7 @@ void rows_pass(const QuantizedRow* rows, const int8_t* w, const at::BFloat16* sc
 using RowsPass = void (*)(const QuantizedRow*, const int8_t*, const at::BFloat16*, at::BFloat16*, int64_t, int64_t,
                           int64_t, int64_t, int64_t);
 constexpr RowsPass kRowsPass[gpt_fast::kPassRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
-                                           rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
+                                                     rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
 
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) % kChunk == 0,
