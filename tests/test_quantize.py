@@ -173,25 +173,18 @@ def rounded_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
     return (torch.where(step > 0, (blocks / step).round(), 0) * step).view(x.shape)
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 VNNI CPU or no C++ compiler")
-def test_int8_kernel_rounds_only_the_activations():
-    """The int8 kernel's products are the int8-rounded activations times the int8 weights and their scales, to the
-    bf16 output's rounding: rows in one pass over the weights, two, and tiles (70), a block of zero activations and
-    an outlier. A packed layer uses it at every row count, eager and compiled."""
-    torch.manual_seed(0)
-    n, k = 200, 576
-    module = WeightOnlyInt8Linear.from_linear(nn.Linear(k, n, bias=True).to(torch.bfloat16))
-    weight = module.weight.float() * module.scales.float()[:, None]
-    module.pack()
-    assert module.vnni_kernel
+def assert_rounded_products(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """A packed layer's outputs are the int8-rounded activations times `weight` plus `bias`, to the bf16 output's
+    rounding, at 1-9 rows (one pass over the weights, two) and 70 (tiles), with a block of zero activations and an
+    outlier; compiled equals eager."""
     compiled = torch.compile(module, fullgraph=True)
     for rows in [*range(1, 10), 70]:
-        x = torch.randn(rows, k).to(torch.bfloat16)
+        x = torch.randn(rows, module.in_features).to(torch.bfloat16)
         x[0, :64] = 0
         x[-1, 100] = 40.0
-        expected = rounded_to_int8_blocks(x) @ weight.T + module.bias.float()
+        expected = rounded_to_int8_blocks(x) @ weight.T + bias.float()
         got = module(x)
-        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, module.out_features)
         errors = (got.float() - expected).norm(dim=1) / expected.norm(dim=1)
         assert errors.max() < 6e-3, errors
         if rows in (3, 70):
@@ -199,11 +192,21 @@ def test_int8_kernel_rounds_only_the_activations():
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 VNNI CPU or no C++ compiler")
+def test_int8_kernel_rounds_only_the_activations():
+    """The int8 kernel: int8-rounded activations times the int8 weights and their scales, at every row count."""
+    torch.manual_seed(0)
+    module = WeightOnlyInt8Linear.from_linear(nn.Linear(576, 200, bias=True).to(torch.bfloat16))
+    weight = module.weight.float() * module.scales.float()[:, None]
+    module.pack()
+    assert module.vnni_kernel
+    assert_rounded_products(module, weight, module.bias)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 VNNI CPU or no C++ compiler")
 def test_int4_kernel_rounds_only_the_activations():
-    """The int4 kernel's products are the int8-rounded activations times the dequantized weights, to the bf16
-    output's rounding: 576 inputs (a superblock of 512 and a chunk of 64), rows in one pass, two, and tiles (70),
-    a block of zero activations and an outlier; a weight row of zeros gives exactly 0 (its groups are stored as
-    code 0, scale 1, zero 8). A packed layer uses it at every row count, eager and compiled."""
+    """The int4 kernel: int8-rounded activations times the dequantized weights, at every row count, for 576 inputs
+    (a superblock of 512 and a chunk of 64); a weight row of zeros gives exactly 0 (its groups are stored as code 0,
+    scale 1, zero 8)."""
     torch.manual_seed(0)
     n, k = 200, 576
     linear = nn.Linear(k, n, bias=True).to(torch.bfloat16).requires_grad_(False)
@@ -211,22 +214,10 @@ def test_int4_kernel_rounds_only_the_activations():
     module = WeightOnlyInt4Linear.from_linear(linear, 32)
     codes = torch.stack([module.weight >> 4, module.weight & 15], dim=-1).view(n, k).float()
     scales, zeros = module.scales_and_zeros.float().repeat_interleave(32, dim=0).permute(2, 1, 0)
-    weight = (codes - 8) * scales + zeros
     module.pack()
     assert module.vnni_kernel
-    compiled = torch.compile(module, fullgraph=True)
-    for rows in [*range(1, 10), 70]:
-        x = torch.randn(rows, k).to(torch.bfloat16)
-        x[0, :32] = 0
-        x[-1, 100] = 40.0
-        expected = rounded_to_int8_blocks(x) @ weight.T + linear.bias.float()
-        got = module(x)
-        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-        errors = (got.float() - expected).norm(dim=1) / expected.norm(dim=1)
-        assert errors.max() < 6e-3, errors
-        assert torch.equal(got[:, 7], linear.bias[7].expand(rows))
-        if rows in (3, 70):
-            assert torch.equal(compiled(x), got)
+    assert_rounded_products(module, (codes - 8) * scales + zeros, linear.bias)
+    assert torch.equal(module(torch.randn(70, k).to(torch.bfloat16))[:, 7], linear.bias[7].expand(70))
 
 
 def test_bad_input_is_rejected_clearly(tiny_checkpoint, tmp_path):
