@@ -66,8 +66,14 @@ struct ActivationRow {
   }
 };
 
-inline __m512 lanes_of_two(float first, float second) {  // 8 lanes of each
-  return _mm512_insertf32x8(_mm512_set1_ps(first), _mm256_set1_ps(second), 1);
+// p[0] in lanes 0-7 and p[1] in lanes 8-15, as fp32: the pair broadcast as one 32-bit word holds p[1] in the high
+// half of every lane already, and p[0] shifted up to it in the first 8.
+inline __m512 lanes_of_pair(const at::BFloat16* p) {
+  int32_t pair;
+  std::memcpy(&pair, p, sizeof pair);
+  const __m512i word = _mm512_set1_epi32(pair);
+  const __m512i high = _mm512_and_si512(word, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u)));
+  return _mm512_castsi512_ps(_mm512_mask_slli_epi32(high, 0x00ff, word, 16));
 }
 
 // y[r0 + r, j] for r < M and begin <= j < end, every weight chunk loaded and unpacked once for the M rows.
@@ -113,8 +119,7 @@ void rows_pass(const ActivationRow* rows, const uint8_t* w, const at::BFloat16* 
       const __m512i codes = _mm512_and_si512(
           _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1), nibble);
       const int64_t b = supers * 16 + 2 * c;
-      const __m512 scale = lanes_of_two(static_cast<float>(sj[b]), static_cast<float>(sj[b + 1]));
-      const __m512 zero = lanes_of_two(static_cast<float>(zj[b]), static_cast<float>(zj[b + 1]));
+      const __m512 scale = lanes_of_pair(sj + b), zero = lanes_of_pair(zj + b);
       for (int r = 0; r < M; ++r) {
         const ActivationRow& row = rows[r];
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes,
