@@ -7,19 +7,20 @@ extension loader.
   512. Its products differ from the library's by the activations' rounding (~0.6% of the output's norm on random
   data), as llama.cpp's Q8_0 do. Used by int8 layers whose input width is a multiple of 64, at every step.
 - int4_matmul.cpp: grouped int4 weights times activations rounded the same way (llama.cpp's Q4_1 x Q8_1), at every
-  step too. Its layout puts 16 blocks of 32 inputs side by side, one per
-  vector lane, so each block's products stay in int32 until a superblock of 512 inputs is done; 1.2-1.4x the
-  library kernel (int4mm_packed_weight_cpu) per matrix, whole SmolLM2 steps ~1.3x. Its products differ from the
-  dequantized matmul's by the activations' rounding times the weights (~1% of the output's norm on random data).
+  step too. Its layout puts blocks of 32 inputs side by side in the 16 lanes of a vector (16 blocks of one lane
+  each, or 8, 4, 2 blocks of 2, 4, 8 lanes for what remains of K after the 512-input superblocks), so each block's
+  products stay in int32 until its part is done: 1.2-2.3x the library kernel (int4mm_packed_weight_cpu) per
+  matrix, whole SmolLM2 steps ~1.3x. Its products differ from the dequantized matmul's by the activations'
+  rounding times the weights (~1% of the output's norm on random data).
 - bf16_matvec.cpp: bf16 x bf16 with AVX-512 BF16 dot products, ~1.8x oneDNN at 1-8 rows and faster than the
   compile pass's fused reductions (model/matvec.py) in whole compiled steps too (SmolLM2 at batch 1 / 2 / 4: 2-3% /
   4-8% / 11%). Used by bf16 layers for steps of up to MAX_ROWS rows, eager or compiled; same products as oneDNN's
   up to the order of the fp32 sums.
 
 int8_activations.h rounds activation rows for the int8 and int4 kernels; row_passes.h is how all three walk the
-rows (tiles of weight rows, passes of up to 8 activation rows, their lane sums). All need AVX-512 VNNI (bf16 also AVX-512 BF16). torch caches the build (TORCH_EXTENSIONS_DIR,
-~10 s the first time); another CPU, or a machine where the build fails (no C++ compiler: inductor needs one too),
-keeps the library kernels and logs why.
+rows (tiles of weight rows, passes of up to 8 activation rows, their lane sums). All need AVX-512 VNNI (bf16 also
+AVX-512 BF16). torch caches the build (TORCH_EXTENSIONS_DIR, ~10 s the first time); another CPU, or a machine where
+the build fails (no C++ compiler: inductor needs one too), keeps the library kernels and logs why.
 """
 import functools
 import hashlib

@@ -279,18 +279,21 @@ class WeightOnlyInt4Linear(ShardableLinear, nn.Module):
         self.kernel_in = self.padded_in
 
     def _pack_for_vnni(self) -> None:
-        """cpu_kernels' layout (int4_matmul.cpp): inputs padded to a multiple of 64, superblocks of 512 inputs
-        with lane l of each 64-byte vector in block l, a scale and a zero per block of 32 inputs."""
+        """cpu_kernels' layout (int4_matmul.cpp): inputs padded to a multiple of 64 and cut into parts of 16 lanes
+        (superblocks of 16 blocks of 32 inputs, one lane a block; what remains as parts of 8, 4 and 2 blocks with
+        2, 4 and 8 lanes a block), a scale and a zero per block."""
         n, k = self.out_features, _round_up(self.padded_in, cpu_kernels.INT4_CHUNK)
         codes = F.pad(self._codes(), (0, k - self.padded_in))
-        supers = k // 512
-        # Superblock vector t, lane l = inputs 4t..4t+3 of block l; vectors 2u and 2u + 1 share bytes as nibbles.
-        head = codes[:, :supers * 512].reshape(n, supers, 16, 8, 4).transpose(2, 3).reshape(n, supers, 4, 2, 64)
-        tail = codes[:, supers * 512:].reshape(n, k % 512 // 64, 2, 32)  # chunks of 64: first 32 in the low nibbles
-        packed = torch.cat([(part[..., 0, :] | part[..., 1, :] << 4).reshape(n, -1) for part in (head, tail)], 1)
+        parts, start = [], 0
+        for lanes in [1] * (k // 512) + [lanes for lanes in (2, 4, 8) if k % 512 // 32 & 16 // lanes]:
+            blocks = 16 // lanes
+            part = codes[:, start:start + blocks * 32].reshape(n, blocks, 8 // lanes, lanes, 4)
+            vectors = part.transpose(1, 2).reshape(n, -1, 2, 64 if lanes < 8 else 32)  # vector t, lane l: block l // L
+            parts.append((vectors[:, :, 0] | vectors[:, :, 1] << 4).reshape(n, -1))  # pairs of vectors (halves for L 8)
+            start += blocks * 32
         scales, zeros = (F.pad(part.T.repeat_interleave(self.groupsize // 32, dim=1), (0, (k - self.padded_in) // 32))
                          .to(torch.bfloat16).contiguous() for part in self.scales_and_zeros.unbind(-1))
-        self.register_buffer("packed_weight", packed.contiguous(), persistent=False)
+        self.register_buffer("packed_weight", torch.cat(parts, 1).contiguous(), persistent=False)
         self.register_buffer("packed_scales", scales, persistent=False)
         self.register_buffer("packed_zeros", zeros, persistent=False)
         self.kernel_in, self.vnni_kernel = k, True
