@@ -11,7 +11,6 @@
 #include "int8_activations.h"
 #include "row_passes.h"
 
-#include <algorithm>
 #include <vector>
 
 namespace {
@@ -19,20 +18,25 @@ namespace {
 using gpt_fast::kBlock;
 constexpr int64_t kChunk = 64;  // bytes per vector: two blocks
 
-// One activation row, rounded to int8 in blocks of 32 and laid out for the loop: x ~ q * scale per block.
+// One activation row, rounded to int8 in blocks of 32: x ~ q * scale per block. In vectors, so 64-byte aligned:
+// the loop's loads of them would otherwise each touch two cache lines.
 struct QuantizedRow {
-  std::vector<int8_t> q;
-  std::vector<float> lane_scales;  // per chunk: 16 lanes, the first 8 of its first block's scale, 8 of the second's
-  float offset = 0.f;              // 128 * sum of q * scale: what the weights' +128 (rows_pass) adds to a product
+  std::vector<__m512i> q;            // per chunk: its 64 codes
+  std::vector<__m512> lane_scales;   // per chunk: 16 lanes, the first 8 its first block's scale, 8 the second's
+  float offset = 0.f;                // 128 * sum of q * scale: what the weights' +128 (rows_pass) adds to a product
 
   void assign(const at::BFloat16* x, int64_t k) {  // reuses the vectors' memory from call to call
-    q.resize(k);
-    lane_scales.resize(k / kChunk * 16);
+    q.resize(k / kChunk);
+    lane_scales.resize(k / kChunk);
     offset = 0.f;
-    for (int64_t b = 0; b < k / kBlock; ++b) {
-      const gpt_fast::RoundedBlock block = gpt_fast::round_block(x + b * kBlock, &q[b * kBlock]);
-      std::fill_n(&lane_scales[b * 8], 8, block.scale);
-      offset += 128.f * static_cast<float>(block.q_sum) * block.scale;
+    int8_t* codes = reinterpret_cast<int8_t*>(q.data());
+    for (int64_t c = 0; c < k / kChunk; ++c) {
+      const int64_t at = c * kChunk;
+      const gpt_fast::RoundedBlock first = gpt_fast::round_block(x + at, codes + at);
+      const gpt_fast::RoundedBlock second = gpt_fast::round_block(x + at + kBlock, codes + at + kBlock);
+      lane_scales[c] = _mm512_insertf32x8(_mm512_set1_ps(first.scale), _mm256_set1_ps(second.scale), 1);
+      offset += 128.f * static_cast<float>(first.q_sum) * first.scale;
+      offset += 128.f * static_cast<float>(second.q_sum) * second.scale;
     }
   }
 };
@@ -56,8 +60,8 @@ void rows_pass(const QuantizedRow* rows, const int8_t* w, const at::BFloat16* sc
     auto add_chunk = [&](int64_t c, __m512* sum) {
       const __m512i weights = _mm512_xor_si512(_mm512_loadu_si512(wj + c * kChunk), flip);
       for (int r = 0; r < M; ++r) {
-        const __m512i dots = _mm512_dpbusd_epi32(zero, weights, _mm512_loadu_si512(&rows[r].q[c * kChunk]));
-        sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_loadu_ps(&rows[r].lane_scales[c * 16]), sum[r]);
+        const __m512i dots = _mm512_dpbusd_epi32(zero, weights, rows[r].q[c]);
+        sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), rows[r].lane_scales[c], sum[r]);
       }
     };
     int64_t c = 0;
