@@ -138,9 +138,20 @@ template <int M>
 void rows_pass(const ActivationRow* rows, const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros,
                at::BFloat16* y, int64_t n, int64_t k, int64_t r0, int64_t begin, int64_t end) {
   const int64_t blocks = k / kBlock;
+  // Rows ~4 KB ahead are prefetched: at one row the loop's work per byte is enough that the hardware's prefetch
+  // alone kept ~35 GB/s from memory (2 threads; ~45 with this, where bf16's simpler loop streams ~50).
+  const int64_t ahead = std::max<int64_t>(1, 4096 / (k / 2));
   for (int64_t j = begin; j < end; ++j) {
     const uint8_t* wj = w + j * (k / 2);
     const at::BFloat16 *sj = scales + j * blocks, *zj = zeros + j * blocks;
+    if (j + ahead < n) {
+      for (int64_t b = 0; b < k / 2; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wj + ahead * (k / 2) + b), _MM_HINT_T0);
+      for (int64_t b = 0; b < blocks * 2; b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(sj + ahead * blocks) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(zj + ahead * blocks) + b, _MM_HINT_T0);
+      }
+    }
     __m512 acc[M];
     for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
     for_parts(k, [&](int lanes, int64_t first, int64_t part) {
