@@ -7,8 +7,8 @@
 // scale 1 and zero 8, adds exactly nothing). The float work per block is what bounds such a loop, so the weights
 // are laid out in superblocks of 16 blocks (512 inputs) where lane l of every vector belongs to block l: 8
 // vpdpbusd sum each block's 32 products in its own int32 lane, and one convert and three multiply-adds per
-// superblock (not per vector) apply the scales.
-// Inputs past the last whole superblock (K % 512, in chunks of 64) keep the plain order, two blocks a vector.
+// superblock (not per vector) apply the scales. What remains of K after the superblocks is cut into smaller parts
+// of the same 16 lanes, a block taking 2, 4 or 8 of them (for_parts).
 #include <ATen/ATen.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -139,7 +139,7 @@ void rows_pass(const ActivationRow* rows, const uint8_t* w, const at::BFloat16* 
                at::BFloat16* y, int64_t n, int64_t k, int64_t r0, int64_t begin, int64_t end) {
   const int64_t blocks = k / kBlock;
   // Rows ~4 KB ahead are prefetched: at one row the loop's work per byte is enough that the hardware's prefetch
-  // alone kept ~35 GB/s from memory (2 threads; ~45 with this, where bf16's simpler loop streams ~50).
+  // alone kept 27-35 GB/s from memory (2 threads; 37-49 with this, where bf16's simpler loop streams ~50).
   const int64_t ahead = std::max<int64_t>(1, 4096 / (k / 2));
   for (int64_t j = begin; j < end; ++j) {
     const uint8_t* wj = w + j * (k / 2);
