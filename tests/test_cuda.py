@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_quantize import dequantized_int4
 
 from gpt_fast.checkpoints.load import load_model
 from gpt_fast.checkpoints.quantize import quantize_checkpoint
@@ -119,10 +120,8 @@ def test_int4_is_packed_from_the_device_neutral_file(device, checkpoints):
     torch.manual_seed(0)
     for name in ("layers.0.attention.wqkv", "layers.1.feed_forward.w2", "output"):
         layer = model.get_submodule(name)
-        pairs, groups = neutral[f"{name}.weight"], neutral[f"{name}.scales_and_zeros"]
-        codes = torch.stack([pairs >> 4, pairs & 15], dim=-1).flatten(1).float()
-        scales, zeros = (groups[..., i].float().t().repeat_interleave(32, dim=1) for i in (0, 1))
-        weight = ((codes - 8) * scales + zeros)[:, :layer.in_features]  # [out, in], the padding cut off
+        weight = dequantized_int4(neutral[f"{name}.weight"], neutral[f"{name}.scales_and_zeros"])
+        weight = weight[:, :layer.in_features]  # [out, in], the padding cut off
         x = torch.randn(3, layer.in_features).to(torch.bfloat16)
         expected = x.double() @ weight.double().t()
         got = layer(x.to(device)).double().cpu()

@@ -43,6 +43,14 @@ def logits(model: Transformer) -> torch.Tensor:
     return model(tokens, torch.arange(24).expand(2, 24), torch.arange(2))
 
 
+def dequantized_int4(pairs: torch.Tensor, scales_and_zeros: torch.Tensor, groupsize: int = 32) -> torch.Tensor:
+    """The weights [out, in_padded] that device-neutral int4 buffers stand for: two codes a byte, high nibble first,
+    and w = (code - 8) * scale + zero per group of inputs."""
+    codes = torch.stack([pairs >> 4, pairs & 15], dim=-1).flatten(1).float()
+    scales, zeros = (scales_and_zeros[..., i].float().t().repeat_interleave(groupsize, dim=1) for i in (0, 1))
+    return (codes - 8) * scales + zeros
+
+
 def relative_error(model: Transformer, mode: str, groupsize=None) -> float:
     ref = logits(model)
     out = logits(quantize_model(copy.deepcopy(model), mode, groupsize))
@@ -85,9 +93,7 @@ def test_kernels_compute_the_dequantized_matmul(dtype, monkeypatch):
     torch.testing.assert_close(q8(x).float(), x.float() @ w8.T, rtol=1e-2, atol=1e-2)
 
     q4 = WeightOnlyInt4Linear.from_linear(linear, 32)
-    codes = torch.stack([q4.weight >> 4, q4.weight & 15], dim=-1).view(100, -1)[:, :200].float()
-    scales, zeros = (q4.scales_and_zeros.float().repeat_interleave(32, dim=0)[:200].permute(2, 1, 0))
-    expected = x.float() @ ((codes - 8) * scales + zeros).T
+    expected = x.float() @ dequantized_int4(q4.weight, q4.scales_and_zeros)[:, :200].T
     for vnni in sorted({False, cpu_kernels.available()}):
         packed = copy.deepcopy(q4)
         with monkeypatch.context() as patch:
@@ -205,18 +211,17 @@ def test_int8_kernel_rounds_only_the_activations():
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 VNNI CPU or no C++ compiler")
 def test_int4_kernel_rounds_only_the_activations():
     """The int4 kernel: int8-rounded activations times the dequantized weights, at every row count, for 576 inputs
-    (a superblock of 512 and a chunk of 64); a weight row of zeros gives exactly 0 (its groups are stored as code 0,
-    scale 1, zero 8)."""
+    (a superblock of 512 and a part of 2 blocks x 8 lanes); a weight row of zeros gives exactly 0 (its groups are
+    stored as code 0, scale 1, zero 8)."""
     torch.manual_seed(0)
     n, k = 200, 576
     linear = nn.Linear(k, n, bias=True).to(torch.bfloat16).requires_grad_(False)
     linear.weight[7] = 0
     module = WeightOnlyInt4Linear.from_linear(linear, 32)
-    codes = torch.stack([module.weight >> 4, module.weight & 15], dim=-1).view(n, k).float()
-    scales, zeros = module.scales_and_zeros.float().repeat_interleave(32, dim=0).permute(2, 1, 0)
+    weight = dequantized_int4(module.weight, module.scales_and_zeros)
     module.pack()
     assert module.vnni_kernel
-    assert_rounded_products(module, (codes - 8) * scales + zeros, linear.bias)
+    assert_rounded_products(module, weight, linear.bias)
     assert torch.equal(module(torch.randn(70, k).to(torch.bfloat16))[:, 7], linear.bias[7].expand(70))
 
 
