@@ -209,12 +209,13 @@ def test_int8_kernel_rounds_only_the_activations():
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 VNNI CPU or no C++ compiler")
-def test_int4_kernel_rounds_only_the_activations():
+@pytest.mark.parametrize("k", [576, 960])
+def test_int4_kernel_rounds_only_the_activations(k):
     """The int4 kernel: int8-rounded activations times the dequantized weights, at every row count, for 576 inputs
-    (a superblock of 512 and a part of 2 blocks x 8 lanes); a weight row of zeros gives exactly 0 (its groups are
-    stored as code 0, scale 1, zero 8)."""
+    (a superblock of 512 and a part of 2 blocks x 8 lanes) and 960 (a superblock and parts of 8 x 2, 4 x 4 and
+    2 x 8 lanes); a weight row of zeros gives exactly 0 (its groups are stored as code 0, scale 1, zero 8)."""
     torch.manual_seed(0)
-    n, k = 200, 576
+    n = 200
     linear = nn.Linear(k, n, bias=True).to(torch.bfloat16).requires_grad_(False)
     linear.weight[7] = 0
     module = WeightOnlyInt4Linear.from_linear(linear, 32)
