@@ -54,6 +54,7 @@ if (($# == 0)); then
   set -- tests/test_cuda.py tests/test_gpu_check.py tests/test_engine.py::test_compiled_small_batch_decode_equals_eager \
     tests/test_quantize.py::test_int8_kernel_rounds_only_the_activations \
     tests/test_quantize.py::test_int4_kernel_rounds_only_the_activations \
-    tests/test_decode_kernels.py::test_bf16_decode_kernel_gives_the_library_products
+    tests/test_decode_kernels.py::test_bf16_decode_kernel_gives_the_library_products \
+    tests/test_decode_kernels.py::test_cpu_steps_attend_through_the_kernel_eager_and_compiled
 fi
 exec python -m pytest -q "$@"

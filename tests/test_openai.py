@@ -162,7 +162,9 @@ def test_streamed_chat_deltas_concatenate_to_the_message(chat_client):
                                                       stream=True, stream_options={"include_usage": True}))
     role, *text_chunks, usage_chunk = chunks
     assert (role.choices[0].delta.role, role.choices[0].delta.content) == ("assistant", "")
-    assert len(text_chunks) > 3 and all(c.choices[0].delta.role is None for c in text_chunks)
+    # Streamed: each chunk carries the tokens of the steps run since the frontend's last call, so 20 fast tokens
+    # may come in as few as 2 or 3.
+    assert len(text_chunks) > 1 and all(c.choices[0].delta.role is None for c in text_chunks)
     assert "".join(c.choices[0].delta.content for c in text_chunks) == content
     assert [c.choices[0].finish_reason for c in [role, *text_chunks]] == [None] * len(text_chunks) + ["length"]
     assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1

@@ -16,11 +16,15 @@ extension loader.
   compile pass's fused reductions (model/matvec.py) in whole compiled steps too (SmolLM2 at batch 1 / 2 / 4: 2-3% /
   4-8% / 11%). Used by bf16 layers for steps of up to MAX_ROWS rows, eager or compiled; same products as oneDNN's
   up to the order of the fp32 sums.
-
-int8_activations.h rounds activation rows for the int8 and int4 kernels; row_passes.h is how all three walk the
-rows (tiles of weight rows, passes of up to 8 activation rows, their lane sums). All need AVX-512 VNNI (bf16 also
-AVX-512 BF16). torch caches the build (TORCH_EXTENSIONS_DIR, ~10 s the first time); another CPU, or a machine where
-the build fails (no C++ compiler: inductor needs one too), keeps the library kernels and logs why.
+- decode_attention.cpp: the attention of steps of up to 8 tokens a sequence in bf16, each kv head's query rows one
+  task: written out (transformer.explicit_attention), compiled steps ran it as one inductor kernel a layer with ~10
+  barriers and ~14 scratch buffers, ~20 us a SmolLM2 layer; this is 7 us in cache, 12-14 us from memory, with the
+  same roundings (SmolLM2 steps ~0.7 ms faster). Used by Attention layers packed on CPUs with AVX-512 BF16.
+int8_activations.h rounds activation rows for the int8 and int4 kernels; row_passes.h is how the matmuls walk the
+rows (tiles of weight rows, passes of up to 8 activation rows, their lane sums; the attention sums 8 keys' dot
+products with the same lane sums). All need AVX-512 VNNI (bf16 and the attention also AVX-512 BF16). torch caches
+the build (TORCH_EXTENSIONS_DIR, ~12 s the first time); another CPU, or a machine where the build fails (no C++
+compiler: inductor needs one too), keeps the library kernels and logs why.
 """
 import functools
 import hashlib
@@ -33,7 +37,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int8_matmul.cpp", "int4_matmul.cpp", "bf16_matvec.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("int8_matmul.cpp", "int4_matmul.cpp", "bf16_matvec.cpp", "decode_attention.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("int8_activations.h", "row_passes.h")]
 # bf16 layers' steps of up to MAX_ROWS rows (decode of batches up to 8, speculative verification) take one pass
 # over the weights for all rows: per 1536 x 576 matrix out of cache, 2 threads, 38 / 41 / 46 us at 1 / 4 / 8 rows vs
@@ -98,6 +103,7 @@ def available() -> bool:
         return False
     for op in ("int8_matmul", "int4_matmul", "bf16_matvec"):
         torch.library.register_fake(f"gpt_fast::{op}")(_output_like)
+    torch.library.register_fake("gpt_fast::decode_attention")(_attention_output_like)
     return True
 
 
@@ -108,5 +114,11 @@ def _output_like(x: torch.Tensor, w: torch.Tensor, *scales: torch.Tensor) -> tor
 
 @functools.cache
 def bf16_available() -> bool:
-    """Whether torch.ops.gpt_fast.bf16_matvec can run here."""
+    """Whether torch.ops.gpt_fast.bf16_matvec and decode_attention can run here."""
     return "avx512_bf16" in _cpu_flags() and available()
+
+
+def _attention_output_like(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """decode_attention's output for tracing: [B, H, T, D] like q, contiguous."""
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)

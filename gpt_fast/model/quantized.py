@@ -34,7 +34,7 @@ from torch import Tensor
 from . import cpu_kernels
 from .args import quantization_scheme
 from .layers import Linear, ShardableLinear
-from .transformer import MoEFeedForward, Transformer
+from .transformer import Attention, MoEFeedForward, Transformer
 
 INT8_PAD_IN = 16  # the CPU int8 kernel in bf16 reads K in blocks of 16: other K read past the end (torch 2.13)
 INT4_PAD_OUT = 16  # the library's CPU int4 kernel needs N % 16 == 0, tinygemm (CUDA) N % 8 == 0
@@ -348,11 +348,11 @@ def empty_quantized_linears(model: Transformer, scheme: dict) -> None:
 
 
 def pack_for_device(model: nn.Module) -> None:
-    """Pack int4 weights for the device they are on and pick the bf16 and int8 layers' decode kernels (call after
-    the model's last .to())."""
+    """Pack int4 weights for the device they are on and pick the bf16 and int8 layers' and the attention's decode
+    kernels (call after the model's last .to())."""
     for module in model.modules():
-        if isinstance(module, (Linear, WeightOnlyInt8Linear)) or (isinstance(module, WeightOnlyInt4Linear)
-                                                                   and module.packed_for is None):
+        if isinstance(module, (Linear, WeightOnlyInt8Linear, Attention)) or (
+                isinstance(module, WeightOnlyInt4Linear) and module.packed_for is None):
             module.pack()
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernels
 from .args import ModelArgs
 from .layers import ACTIVATIONS, KVCache, Linear, apply_rope, norm, resize_, rope_tables
 
@@ -27,7 +28,8 @@ def explicit_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sc
     """Attention written out as matmul, softmax, matmul, for what SDPA cannot do or does slowly: logits soft-capped
     to (-cap, cap) by cap * tanh(logits / cap) before the mask (Gemma 2), and CPU steps of a few query rows, where
     SDPA's flash kernel costs ~150 us a call whatever the size (over a quarter of a SmolLM2 decode step) and these
-    few ops fuse into the compiled step. q [B, H, T, D]; keys, values [B, Hkv, K, D]; mask [B, 1, T, K]. Logits
+    few ops fuse into the compiled step (on CPUs with AVX-512 BF16, model/decode_attention.cpp computes the same
+    in bf16, faster). q [B, H, T, D]; keys, values [B, Hkv, K, D]; mask [B, 1, T, K]. Logits
     and softmax in fp32. The query heads that share a kv head are folded into its rows, so GQA reads each key once."""
     bsz, n_head, seqlen, head_dim = q.shape
     n_kv_heads, n_keys = keys.shape[1], keys.shape[2]
@@ -54,6 +56,12 @@ class Attention(nn.Module):
         self.sliding = args.sliding_window is not None and (
             args.sliding_window_layers is None or layer_id in args.sliding_window_layers)
         self.kv_cache: Optional[KVCache] = None
+        self.decode_kernel = False  # CPU bf16 steps of a few rows through cpu_kernels' attention (pack decides)
+
+    def pack(self) -> None:
+        """Choose the attention of few-row CPU steps: cpu_kernels' where this CPU and the head size allow it (not with
+        Gemma 2's soft-capped logits, which only explicit_attention computes)."""
+        self.decode_kernel = self.softcap is None and self.head_dim % 32 == 0 and cpu_kernels.bf16_available()
 
     def shard(self, state: dict[str, Tensor], prefix: str, rank: int, world: int) -> None:
         """Keep n_head / world query heads and the n_kv_heads / world kv heads they read under GQA (wqkv's rows),
@@ -89,6 +97,9 @@ class Attention(nn.Module):
         if self.softcap is None and (x.device.type != "cpu" or seqlen > EXPLICIT_ATTENTION_ROWS):
             y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale,
                                                enable_gqa=self.n_head != self.n_kv_heads)
+        elif self.decode_kernel and x.device.type == "cpu" and q.dtype == torch.bfloat16:
+            y = torch.ops.gpt_fast.decode_attention(q.transpose(1, 2), keys, values, mask,
+                                                    self.scale or self.head_dim ** -0.5)
         else:
             y = explicit_attention(q.transpose(1, 2), keys, values, mask, self.scale or self.head_dim ** -0.5,
                                    self.softcap)
