@@ -23,7 +23,7 @@ extension loader.
 int8_activations.h rounds activation rows for the int8 and int4 kernels; row_passes.h is how the matmuls walk the
 rows (tiles of weight rows, passes of up to 8 activation rows, their lane sums; the attention sums 8 keys' dot
 products with the same lane sums). All need AVX-512 VNNI (bf16 and the attention also AVX-512 BF16). torch caches
-the build (TORCH_EXTENSIONS_DIR, ~12 s the first time); another CPU, or a machine where the build fails (no C++
+the build (TORCH_EXTENSIONS_DIR, ~15 s the first time); another CPU, or a machine where the build fails (no C++
 compiler: inductor needs one too), keeps the library kernels and logs why.
 """
 import functools
@@ -64,7 +64,7 @@ def _build_directory() -> Path:
 
     TorchServe unpacks the model archive, this file's .cpp included, to a new temporary folder at each start, and
     torch's loader rebuilds whenever the sources' paths change: from a copy here they stay the same, and a server's
-    second start reuses the first one's build (~10 s)."""
+    second start reuses the first one's build (~15 s)."""
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS)).hexdigest()[:16]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     python = f"py{sys.version_info.major}{sys.version_info.minor}"

@@ -86,7 +86,8 @@ __attribute__((target("avx512bf16"))) void logits(const at::BFloat16* qi, const 
 // li = softmax(li) in fp32, each probability then rounded to bf16 (explicit_attention's .to(values.dtype)).
 __attribute__((target("avx512bf16"))) void softmax_rounded(float* li, int64_t n_keys) {
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t s = 0; s < n_keys; s += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, first_lanes(n_keys - s), li + s));
+  for (int64_t s = 0; s < n_keys; s += 16)
+    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, first_lanes(n_keys - s), li + s));
   const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
   __m512 total = _mm512_setzero_ps();
   for (int64_t s = 0; s < n_keys; s += 16) {
@@ -143,8 +144,8 @@ void weighted_values(const float* probs, const at::BFloat16* values, int64_t key
 // One kv head's attention for its query rows: row i is token i % seqlen of the group's query head i / seqlen,
 // at rows[i] in q and out_rows[i] in out.
 void kv_head(const at::BFloat16* q, const at::BFloat16* keys, const at::BFloat16* values, int64_t key_stride,
-             const bool* mask, int64_t mask_t, int64_t seqlen, const std::vector<int64_t>& rows, at::BFloat16* out, const std::vector<int64_t>& out_rows, int64_t n_keys, int64_t d, float scale,
-             std::vector<float>& probs) {
+             const bool* mask, int64_t mask_t, int64_t seqlen, const std::vector<int64_t>& rows, at::BFloat16* out,
+             const std::vector<int64_t>& out_rows, int64_t n_keys, int64_t d, float scale, std::vector<float>& probs) {
   const int64_t n_rows = static_cast<int64_t>(rows.size());
   probs.resize(n_rows * n_keys);
   for (int64_t s = 0; s < std::min(kPrefetchKeys, n_keys); ++s)
