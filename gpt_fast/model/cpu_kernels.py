@@ -112,13 +112,13 @@ def _output_like(x: torch.Tensor, w: torch.Tensor, *scales: torch.Tensor) -> tor
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-@functools.cache
-def bf16_available() -> bool:
-    """Whether torch.ops.gpt_fast.bf16_matvec and decode_attention can run here."""
-    return "avx512_bf16" in _cpu_flags() and available()
-
-
 def _attention_output_like(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                            scale: float) -> torch.Tensor:
     """decode_attention's output for tracing: [B, H, T, D] like q, contiguous."""
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@functools.cache
+def bf16_available() -> bool:
+    """Whether torch.ops.gpt_fast.bf16_matvec and decode_attention can run here."""
+    return "avx512_bf16" in _cpu_flags() and available()
