@@ -111,18 +111,11 @@ def test_cpu_steps_attend_through_the_kernel_eager_and_compiled():
     for runner in runners:
         for slot, prompt in enumerate(prompts):
             runner.prefill(slot, prompt, 0)
-    steps = [torch.randint(0, 512, (2, width)) for width in (1, 1, 4)]
-    for runner_logits in zip(*[[r.rows(tokens, positions, 64) for tokens, positions in
-                                _positions(steps, [len(p) for p in prompts])] for r in runners]):
-        expected, *got = runner_logits
+    start = torch.tensor([len(p) for p in prompts])[:, None]  # each sequence's next position
+    for width in (1, 1, 4):
+        tokens, positions = torch.randint(0, 512, (2, width)), start + torch.arange(width)
+        expected, *got = [runner.rows(tokens, positions, 64) for runner in runners]
         for logits in got:
             torch.testing.assert_close(logits, expected, atol=2e-2, rtol=2e-2)
             assert torch.equal(logits.argmax(-1), expected.argmax(-1))
-
-
-def _positions(steps: list[torch.Tensor], lengths: list[int]):
-    """(tokens, positions) of consecutive steps after prompts of `lengths` tokens."""
-    start = torch.tensor(lengths)[:, None]
-    for tokens in steps:
-        yield tokens, start + torch.arange(tokens.shape[1])
-        start = start + tokens.shape[1]
+        start = start + width
