@@ -276,7 +276,6 @@ class WeightOnlyInt4Linear(ShardableLinear, nn.Module):
         # The CPU kernel's group size as the tensor its op takes: inductor's lowering of _weight_int4pack_mm_for_cpu
         # makes it a graph constant, which torch 2.13 cannot pass inside a layer graph that all layers share.
         self.register_buffer("packed_groupsize", torch.tensor(self.groupsize), persistent=False)
-        self.kernel_in = self.padded_in
 
     def _pack_for_vnni(self) -> None:
         """cpu_kernels' layout (int4_matmul.cpp): inputs padded to a multiple of 64 and cut into parts of 16 lanes
